@@ -1,0 +1,36 @@
+"""jaxprm: vision-language process reward models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="jaxprm",
+    version="0.1.0",
+    description="Train and use vision-language process reward models (VL-PRMs) in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["jaxprm", "jaxprm.*", "configs"]),
+    package_data={"jaxprm": ["assets/*"]},
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "array-record>=0.7",
+        "tensorflow-datasets>=4.9.7",
+        "ml-collections>=1.0",
+        "transformers>=4.50",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "numpy>=1.26",
+        "pillow>=10",
+        "tqdm>=4.66",
+        "pyarrow>=15",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        # torch is only the reference implementation for parity tests and benchmarks.
+        "test": ["torch>=2.4", "pytest>=8"],
+    },
+)
