@@ -27,6 +27,7 @@ class VisionConfig:
     fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6  # Qwen2RMSNorm in the vision tower always uses 1e-6
+    rope_theta: float = 10000.0  # axial 2D rope of the vision tower
 
     @property
     def head_dim(self) -> int:
@@ -65,7 +66,7 @@ class Qwen25VLConfig:
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
     tie_word_embeddings: bool = False
-    tokens_per_second: int = 2
+    tokens_per_second: int = 4
 
     def __post_init__(self):
         v, t = self.vision, self.text
@@ -97,15 +98,16 @@ class Qwen25VLConfig:
             if k not in ("text_config", "vision_config") and k not in text:
                 text[k] = val
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-        mrope = rope.get("mrope_section")
-        if mrope is None:
-            raise ValueError("config.json has no mrope_section in rope_parameters/rope_scaling")
+        mrope = rope.get("mrope_section") or (16, 24, 24)  # transformers' fallback
         theta = rope.get("rope_theta", text.get("rope_theta", 1000000.0))
         vis = dict(d.get("vision_config") or {})
         vfields = {f.name for f in dataclasses.fields(VisionConfig)}
         vkw = {k: v for k, v in vis.items() if k in vfields}
         if "num_attention_heads" in vis and "num_heads" not in vis:
             vkw["num_heads"] = vis["num_attention_heads"]
+        vrope = vis.get("rope_parameters") or {}
+        if "rope_theta" in vrope:
+            vkw["rope_theta"] = float(vrope["rope_theta"])
         if "fullatt_block_indexes" in vkw:
             vkw["fullatt_block_indexes"] = tuple(vkw["fullatt_block_indexes"])
         for k in ("patch_size", "temporal_patch_size"):
@@ -123,7 +125,8 @@ class Qwen25VLConfig:
             for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
             if k in d
         }
-        tps = vis.get("tokens_per_second", d.get("tokens_per_second", 2))
+        # transformers' default when a checkpoint does not say (real Qwen2.5-VL configs say 2)
+        tps = vis.get("tokens_per_second", d.get("tokens_per_second", 4))
         return cls(VisionConfig(**vkw), TextConfig(**tkw), tie_word_embeddings=tie, tokens_per_second=int(tps), **top)
 
     @classmethod
@@ -143,6 +146,7 @@ class Qwen25VLConfig:
         v, t = self.vision, self.text
         vision = dataclasses.asdict(v)
         vision.pop("rms_norm_eps")
+        vision["rope_parameters"] = {"rope_type": "axial", "rope_theta": vision.pop("rope_theta")}
         vision["fullatt_block_indexes"] = list(v.fullatt_block_indexes)
         vision["tokens_per_second"] = self.tokens_per_second
         text = dataclasses.asdict(t)

@@ -1,0 +1,131 @@
+"""One attention entry point for every model in jaxprm.
+
+``attention`` dispatches on the backend: cuDNN flash attention on GPU (bf16/fp16), the Pallas
+splash kernel on TPU, and a plain XLA implementation everywhere else (and as the reference).
+Masking is expressed with segment ids: a query attends to a key only when both carry the same
+segment id (windows and images in the vision tower, packed sequences and padding in the decoder),
+optionally also causally. Padding is its own segment (id 0 by convention in the decoder), so no
+row is ever fully masked.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Impl = Literal["auto", "xla", "cudnn", "splash"]
+IMPLS = ("auto", "xla", "cudnn", "splash")
+
+
+def resolve_impl(impl: str, dtype) -> str:
+    """Pick the concrete implementation for ``impl="auto"`` on the current default backend."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if backend == "gpu" and low_precision:
+        return "cudnn"
+    if backend == "tpu":
+        return "splash"
+    return "xla"
+
+
+def segment_mask(q_segment_ids, kv_segment_ids, causal: bool, q_len: int, kv_len: int):
+    """Boolean mask (B, 1, T, S): True where the query may attend to the key."""
+    mask = None
+    if q_segment_ids is not None:
+        mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
+    if causal:
+        c = jnp.tril(jnp.ones((q_len, kv_len), dtype=bool), k=kv_len - q_len)[None, None]
+        mask = c if mask is None else mask & c
+    return mask
+
+
+def xla_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal=False, scale=None):
+    """Reference attention. q: (B,T,N,H); k, v: (B,S,K,H) with N a multiple of K (GQA).
+
+    Scores and softmax in fp32 (like transformers' eager/sdpa paths), probabilities cast back to
+    the value dtype for the second matmul.
+    """
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = n // kh
+    scale = h**-0.5 if scale is None else scale
+    qg = q.reshape(b, t, kh, g, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    mask = segment_mask(q_segment_ids, kv_segment_ids, causal, t, s)
+    if mask is not None:
+        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def cudnn_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal=False, scale=None):
+    mask = None
+    if q_segment_ids is not None:
+        mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, scale=scale, is_causal=causal, implementation="cudnn"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(num_heads: int, q_len: int, kv_len: int, causal: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    base = sa.CausalMask((q_len, kv_len)) if causal else sa.FullMask((q_len, kv_len))
+    mask = sa.MultiHeadMask([base] * num_heads)
+    return sa.make_splash_mha_single_device(mask=mask)
+
+
+def splash_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal=False, scale=None):
+    """TPU Pallas splash attention; falls back to XLA for lengths the kernel does not tile."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    b, t, n, h = q.shape
+    s = k.shape[1]
+    if t % 128 or s % 128:
+        return xla_attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                             causal=causal, scale=scale)
+    scale = h**-0.5 if scale is None else scale
+    rep = n // k.shape[2]
+    k = jnp.repeat(k, rep, axis=2)
+    v = jnp.repeat(v, rep, axis=2)
+    kernel = _splash_kernel(n, t, s, causal)
+    qh = jnp.swapaxes(q * scale, 1, 2)  # (B, N, T, H)
+    kh_, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    if q_segment_ids is None:
+        q_segment_ids = jnp.zeros((b, t), jnp.int32)
+        kv_segment_ids = jnp.zeros((b, s), jnp.int32)
+
+    def one(qi, ki, vi, qs, ks):
+        return kernel(qi, ki, vi, segment_ids=sa.SegmentIds(q=qs, kv=ks))
+
+    out = jax.vmap(one)(qh, kh_, vh, q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32))
+    return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+
+
+def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool = False,
+              scale: float | None = None, impl: str = "auto"):
+    """Multi-head / grouped-query attention. q: (B,T,N,H); k, v: (B,S,K,H); segment ids (B,T)/(B,S)."""
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} not a multiple of key/value heads {k.shape[2]}")
+    fn = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention}[resolve_impl(impl, q.dtype)]
+    return fn(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal, scale=scale)
+
+
+def segment_ids_from_cu_seqlens(cu_seqlens, total: int) -> np.ndarray:
+    """Host-side: cumulative lengths [0, a, a+b, ...] -> per-token segment ids 0, 0, ..., 1, 1, ..."""
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    ids = np.zeros(total, np.int32)
+    lengths = np.diff(cu)
+    ids[: cu[-1]] = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
+    return ids

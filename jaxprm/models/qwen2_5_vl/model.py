@@ -1,0 +1,137 @@
+"""The Qwen2.5-VL model: vision tower + image-feature scatter + decoder (+ lm head).
+
+Two ways in:
+- ``model(input_ids, attention_mask=, pixel_values=, image_grid_thw=)`` has transformers'
+  semantics (3D positions computed from the inputs on the host, as transformers does when given
+  ``mm_token_type_ids``) and returns ``.logits`` over the full vocabulary. Handy for parity checks
+  and one-off calls; each new shape compiles once.
+- ``model.hidden_states(...)`` / ``model.token_logits(...)`` are pure, fixed-shape, jittable pieces
+  for training and scoring: positions, segment ids and the vision layout come precomputed from
+  the host (``rope.get_rope_index``, ``rope.vision_layout``), and only the rows of the lm head
+  that are needed (e.g. "+"/"-") are multiplied.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import rope
+from .config import Qwen25VLConfig
+from .text import TextModel
+from .vision import VisionTower
+
+LAYOUT_KEYS = ("window_index", "reverse_index", "window_segment_ids", "full_segment_ids", "rotary_positions")
+
+
+@dataclasses.dataclass
+class Output:
+    logits: Any
+    hidden_states: Any
+    position_ids: np.ndarray
+    rope_deltas: np.ndarray
+
+
+class Qwen25VL(nnx.Module):
+    def __init__(self, config: Qwen25VLConfig, *, dtype=jnp.float32, param_dtype=None,
+                 attn_impl: str = "auto", remat_policy: str | None = None, rngs: nnx.Rngs | None = None):
+        param_dtype = dtype if param_dtype is None else param_dtype
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        self.config, self.dtype = config, dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl, remat_policy=remat_policy, rngs=rngs)
+        self.visual = VisionTower(config.vision, **kw)
+        self.language_model = TextModel(config.text, **kw)
+        t = config.text
+        self.lm_head = None if config.tie_word_embeddings else nnx.Param(
+            jax.random.normal(rngs.params(), (t.hidden_size, t.vocab_size), param_dtype) * 0.02)
+
+    # -- pure, jittable pieces ------------------------------------------------------------------
+    def image_features(self, pixel_values, layout: dict):
+        """(N, patch_dim) patches of all images -> (N / merge**2, hidden) features, image order."""
+        return self.visual(pixel_values, *(layout[k] for k in LAYOUT_KEYS))
+
+    def embed(self, input_ids, image_features=None):
+        """Token embeddings with image features scattered, in order, over the image placeholders."""
+        x = self.language_model.embed(input_ids)
+        if image_features is None:
+            return x
+        mask = input_ids == self.config.image_token_id
+        idx = jnp.cumsum(mask.reshape(-1)) - 1
+        feats = image_features.astype(x.dtype)[jnp.clip(idx, 0, image_features.shape[0] - 1)]
+        return jnp.where(mask[..., None], feats.reshape(x.shape), x)
+
+    def hidden_states(self, input_ids, position_ids, segment_ids, pixel_values=None, vision_layout=None):
+        """Final-normed decoder states (B, L, D). position_ids (3, B, L); segment_ids (B, L)."""
+        feats = None if pixel_values is None else self.image_features(pixel_values, vision_layout)
+        return self.language_model(self.embed(input_ids, feats), position_ids, segment_ids)
+
+    def lm_head_weight(self):
+        w = self.language_model.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        return w.astype(self.dtype)
+
+    def logits(self, hidden):
+        return jnp.einsum("...d,dv->...v", hidden, self.lm_head_weight())
+
+    def token_logits(self, hidden, token_ids):
+        """Logits of the given vocabulary rows only: (..., D) x (len(token_ids),) -> (..., len(token_ids))."""
+        if self.lm_head is None:
+            w = self.language_model.embed_tokens[...][jnp.asarray(token_ids)].T
+        else:
+            w = self.lm_head[...][:, jnp.asarray(token_ids)]
+        return jnp.einsum("...d,dv->...v", hidden, w.astype(self.dtype))
+
+    # -- transformers-style call -------------------------------------------------------------------
+    def prepare_inputs(self, input_ids, attention_mask=None, image_grid_thw=None, position_ids=None) -> dict:
+        """Host side of ``__call__``: 3D positions, segment ids and the vision layout (numpy)."""
+        cfg = self.config
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        b, l = ids.shape
+        mask = np.ones((b, l), np.int32) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
+        deltas = np.zeros(b, np.int64)
+        if position_ids is not None:
+            pos = np.asarray(position_ids)
+            if pos.ndim == 2:
+                pos = np.broadcast_to(pos[None], (3, b, l))
+        elif image_grid_thw is not None:
+            pos, deltas = rope.get_rope_index(
+                ids, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+                spatial_merge_size=cfg.vision.spatial_merge_size, image_grid_thw=image_grid_thw,
+                tokens_per_second=cfg.tokens_per_second, attention_mask=mask)
+        else:  # transformers falls back to 0..L-1 on every axis when there is no image
+            pos = np.broadcast_to(np.arange(l, dtype=np.int32)[None, None], (3, b, l))
+        out = {"input_ids": ids.astype(np.int32), "position_ids": np.asarray(pos, np.int32),
+               "segment_ids": mask, "rope_deltas": deltas}
+        if image_grid_thw is not None:
+            grid = np.asarray(image_grid_thw).reshape(-1, 3)
+            m2 = cfg.vision.spatial_merge_size**2
+            n_tok = int((ids == cfg.image_token_id).sum())
+            n_feat = int((grid.prod(-1) // m2).sum())
+            if n_tok != n_feat:
+                raise ValueError(f"Image features and image tokens do not match: {n_tok} <|image_pad|> tokens in "
+                                 f"input_ids but image_grid_thw gives {n_feat} features")
+            v = cfg.vision
+            out["vision_layout"] = rope.vision_layout(grid, merge=v.spatial_merge_size, window_size=v.window_size,
+                                                      patch_size=v.patch_size).as_dict()
+        return out
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None):
+        if (pixel_values is None) != (image_grid_thw is None):
+            raise ValueError("pass pixel_values and image_grid_thw together")
+        host = self.prepare_inputs(input_ids, attention_mask, image_grid_thw, position_ids)
+        pv = None if pixel_values is None else jnp.asarray(np.asarray(pixel_values, np.float32))
+        hidden, logits = _hf_forward(self, host["input_ids"], host["position_ids"], host["segment_ids"],
+                                     pv, host.get("vision_layout"))
+        return Output(logits=logits, hidden_states=hidden, position_ids=host["position_ids"],
+                      rope_deltas=host["rope_deltas"])
+
+
+@nnx.jit
+def _hf_forward(model, input_ids, position_ids, segment_ids, pixel_values, vision_layout):
+    h = model.hidden_states(input_ids, position_ids, segment_ids, pixel_values, vision_layout)
+    return h, model.logits(h)

@@ -1,0 +1,90 @@
+"""Qwen2 decoder of Qwen2.5-VL: GQA with qkv bias, M-RoPE, SwiGLU, RMSNorm (fp32 statistics).
+
+Layers are stacked on a leading axis and run under one ``lax.scan`` (fast compiles, one remat
+policy for all layers). Attention masking is causal within segments: ``segment_ids`` (B, L) are
+equal for tokens of one sequence; padding is its own segment.
+"""
+from __future__ import annotations
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxprm.models import attention as attn_lib
+from jaxprm.models.remat import remat
+from .config import TextConfig
+from .layers import ParamFactory, activation, dense, rms_norm, rotate_half, values
+
+LAYER_PARAMS = ("input_norm", "post_norm", "q_w", "q_b", "k_w", "k_b", "v_w", "v_b", "o_w",
+                "gate_w", "up_w", "down_w")
+
+
+class DecoderLayers(nnx.Module):
+    def __init__(self, cfg: TextConfig, pf: ParamFactory):
+        L, D, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+        hd, H, K = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.input_norm, self.post_norm = pf.ones(L, D), pf.ones(L, D)
+        self.q_w, self.q_b = pf.normal(L, D, H * hd), pf.zeros(L, H * hd)
+        self.k_w, self.k_b = pf.normal(L, D, K * hd), pf.zeros(L, K * hd)
+        self.v_w, self.v_b = pf.normal(L, D, K * hd), pf.zeros(L, K * hd)
+        self.o_w = pf.normal(L, H * hd, D)
+        self.gate_w, self.up_w, self.down_w = pf.normal(L, D, I), pf.normal(L, D, I), pf.normal(L, I, D)
+
+
+def mrope_cos_sin(position_ids, cfg: TextConfig, dtype):
+    """position_ids (3, B, L) -> cos, sin (B, L, 1, head_dim) in ``dtype``.
+
+    Frequency slot i of the rotary half takes its angle from axis t, h or w according to
+    ``mrope_section`` (cycled t, h, w, t, ...), then the half is duplicated as in rotate_half rope.
+    """
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq  # (3, B, L, hd/2)
+    parts, start = [], 0
+    for i, n in enumerate(cfg.mrope_section):
+        parts.append(freqs[i % 3, ..., start:start + n])
+        start += n
+    f = jnp.concatenate(parts, -1)
+    emb = jnp.concatenate([f, f], -1)[:, :, None, :]
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+class TextModel(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 attn_impl: str = "auto", remat_policy: str | None = None, rngs: nnx.Rngs):
+        self.cfg, self.dtype, self.attn_impl, self.remat_policy = cfg, dtype, attn_impl, remat_policy
+        pf = ParamFactory(rngs, param_dtype)
+        self.embed_tokens = pf.normal(cfg.vocab_size, cfg.hidden_size)
+        self.layers = DecoderLayers(cfg, pf)
+        self.norm = pf.ones(cfg.hidden_size)
+
+    def embed(self, input_ids):
+        return self.embed_tokens[...].astype(self.dtype)[input_ids]
+
+    def __call__(self, inputs_embeds, position_ids, segment_ids):
+        """inputs_embeds (B, L, D), position_ids (3, B, L), segment_ids (B, L) -> final-normed hidden (B, L, D)."""
+        cfg, dt = self.cfg, self.dtype
+        b, l, _ = inputs_embeds.shape
+        H, K, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        cos, sin = mrope_cos_sin(position_ids, cfg, dt)
+        act, eps, impl = activation(cfg.hidden_act), cfg.rms_norm_eps, self.attn_impl
+
+        def layer(h, p):
+            y = rms_norm(h, p["input_norm"], eps)
+            q = dense(y, p["q_w"], p["q_b"]).reshape(b, l, H, hd)
+            k = dense(y, p["k_w"], p["k_b"]).reshape(b, l, K, hd)
+            v = dense(y, p["v_w"], p["v_b"]).reshape(b, l, K, hd)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            o = attn_lib.attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                                   causal=True, impl=impl)
+            o = dense(o.reshape(b, l, H * hd), p["o_w"])
+            h = h + checkpoint_name(o, "attn_out")
+            y = rms_norm(h, p["post_norm"], eps)
+            m = dense(act(dense(y, p["gate_w"])) * dense(y, p["up_w"]), p["down_w"])
+            return h + checkpoint_name(m, "mlp_out"), None
+
+        h, _ = jax.lax.scan(remat(layer, self.remat_policy), inputs_embeds.astype(dt),
+                            values(self.layers, LAYER_PARAMS, dt))
+        return rms_norm(h, self.norm[...].astype(dt), eps)

@@ -1,0 +1,104 @@
+"""Qwen2.5-VL vision tower: patch embed, 2D rotary, window/full attention blocks, patch merger.
+
+The ``depth`` blocks share one parameter layout (stacked on a leading layer axis) and run under one
+``lax.scan``; a per-layer flag picks the window or the full-attention segment ids, so the
+block-diagonal window attention (cu_window_seqlens) and per-image full attention are both plain
+segment masks. Inputs are in window order (see ``rope.vision_layout``); the merger output is put
+back into image order with the reverse permutation, as transformers does.
+"""
+from __future__ import annotations
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxprm.models import attention as attn_lib
+from jaxprm.models.remat import remat
+from .config import VisionConfig
+from .layers import ParamFactory, activation, dense, rms_norm, rotate_half, values
+
+BLOCK_PARAMS = ("norm1", "norm2", "qkv_w", "qkv_b", "proj_w", "proj_b",
+                "gate_w", "gate_b", "up_w", "up_b", "down_w", "down_b")
+
+
+class VisionBlocks(nnx.Module):
+    def __init__(self, cfg: VisionConfig, pf: ParamFactory):
+        L, D, I = cfg.depth, cfg.hidden_size, cfg.intermediate_size
+        self.norm1, self.norm2 = pf.ones(L, D), pf.ones(L, D)
+        self.qkv_w, self.qkv_b = pf.normal(L, D, 3 * D), pf.zeros(L, 3 * D)
+        self.proj_w, self.proj_b = pf.normal(L, D, D), pf.zeros(L, D)
+        self.gate_w, self.gate_b = pf.normal(L, D, I), pf.zeros(L, I)
+        self.up_w, self.up_b = pf.normal(L, D, I), pf.zeros(L, I)
+        self.down_w, self.down_b = pf.normal(L, I, D), pf.zeros(L, D)
+
+
+class PatchMerger(nnx.Module):
+    def __init__(self, cfg: VisionConfig, pf: ParamFactory):
+        D, m2 = cfg.hidden_size, cfg.spatial_merge_size**2
+        self.ln_q = pf.ones(D)
+        self.fc1_w, self.fc1_b = pf.normal(D * m2, D * m2), pf.zeros(D * m2)
+        self.fc2_w, self.fc2_b = pf.normal(D * m2, cfg.out_hidden_size), pf.zeros(cfg.out_hidden_size)
+
+
+class VisionTower(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 attn_impl: str = "auto", remat_policy: str | None = None, rngs: nnx.Rngs):
+        self.cfg, self.dtype, self.attn_impl, self.remat_policy = cfg, dtype, attn_impl, remat_policy
+        pf = ParamFactory(rngs, param_dtype)
+        self.patch_embed = pf.normal(cfg.patch_dim, cfg.hidden_size)  # Conv3d with stride == kernel
+        self.blocks = VisionBlocks(cfg, pf)
+        self.merger = PatchMerger(cfg, pf)
+        full = np.zeros(cfg.depth, bool)
+        full[list(cfg.fullatt_block_indexes)] = True
+        self.full_attention = tuple(bool(x) for x in full)
+
+    def inv_freq(self):
+        half = self.cfg.head_dim // 2
+        return 1.0 / (self.cfg.rope_theta ** (jnp.arange(0, half, 2, dtype=jnp.float32) / half))
+
+    def __call__(self, pixel_values, window_index, reverse_index, window_segment_ids, full_segment_ids,
+                 rotary_positions):
+        """pixel_values: (N, C*T*P*P) in image order; index arrays from ``rope.vision_layout``.
+        Returns (N / merge**2, out_hidden_size) merged features in image order."""
+        cfg, dt = self.cfg, self.dtype
+        unit = cfg.spatial_merge_size**2
+        n = pixel_values.shape[0]
+        x = dense(pixel_values.astype(dt), self.patch_embed[...].astype(dt))
+        x = x.reshape(n // unit, unit, -1)[window_index].reshape(n, -1)
+
+        freqs = rotary_positions.astype(jnp.float32)[..., None] * self.inv_freq()  # (N, 2, Dh/4)
+        freqs = freqs.reshape(n, -1)
+        emb = jnp.concatenate([freqs, freqs], -1)
+        cos, sin = jnp.cos(emb)[:, None, :], jnp.sin(emb)[:, None, :]  # (N, 1, Dh), fp32
+
+        heads, hd = cfg.num_heads, cfg.head_dim
+        act = activation(cfg.hidden_act)
+        eps = cfg.rms_norm_eps
+        impl = self.attn_impl
+
+        def block(h, layer):
+            p, is_full = layer
+            seg = jnp.where(is_full, full_segment_ids, window_segment_ids)[None]
+            y = rms_norm(h, p["norm1"], eps)
+            qkv = dense(y, p["qkv_w"], p["qkv_b"]).reshape(n, 3, heads, hd)
+            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+            qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
+            q = (qf * cos + rotate_half(qf) * sin).astype(dt)
+            k = (kf * cos + rotate_half(kf) * sin).astype(dt)
+            o = attn_lib.attention(q[None], k[None], v[None], q_segment_ids=seg, kv_segment_ids=seg, impl=impl)
+            o = dense(o[0].reshape(n, -1), p["proj_w"], p["proj_b"])
+            h = h + checkpoint_name(o, "attn_out")
+            y = rms_norm(h, p["norm2"], eps)
+            m = dense(act(dense(y, p["gate_w"], p["gate_b"])) * dense(y, p["up_w"], p["up_b"]), p["down_w"], p["down_b"])
+            return h + checkpoint_name(m, "mlp_out"), None
+
+        params = values(self.blocks, BLOCK_PARAMS, dt)
+        flags = jnp.asarray(self.full_attention)
+        x, _ = jax.lax.scan(remat(block, self.remat_policy), x, (params, flags))
+
+        mp = values(self.merger, ("ln_q", "fc1_w", "fc1_b", "fc2_w", "fc2_b"), dt)
+        y = rms_norm(x, mp["ln_q"], 1e-6).reshape(n // unit, -1)
+        y = dense(jax.nn.gelu(dense(y, mp["fc1_w"], mp["fc1_b"]), approximate=False), mp["fc2_w"], mp["fc2_b"])
+        return y[reverse_index]
