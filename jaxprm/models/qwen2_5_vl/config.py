@@ -103,6 +103,8 @@ class Qwen25VLConfig:
         vis = dict(d.get("vision_config") or {})
         vfields = {f.name for f in dataclasses.fields(VisionConfig)}
         vkw = {k: v for k, v in vis.items() if k in vfields}
+        if "in_chans" in vis and "in_channels" not in vis:
+            vkw["in_channels"] = vis["in_chans"]
         if "num_attention_heads" in vis and "num_heads" not in vis:
             vkw["num_heads"] = vis["num_attention_heads"]
         vrope = vis.get("rope_parameters") or {}

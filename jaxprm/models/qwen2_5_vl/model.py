@@ -94,6 +94,13 @@ class Qwen25VL(nnx.Module):
         b, l = ids.shape
         mask = np.ones((b, l), np.int32) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
         deltas = np.zeros(b, np.int64)
+        if image_grid_thw is not None:
+            m2 = cfg.vision.spatial_merge_size**2
+            n_tok = int((ids == cfg.image_token_id).sum())
+            n_feat = int((np.asarray(image_grid_thw).reshape(-1, 3).prod(-1) // m2).sum())
+            if n_tok != n_feat:
+                raise ValueError(f"Image features and image tokens do not match: {n_tok} <|image_pad|> tokens in "
+                                 f"input_ids but image_grid_thw gives {n_feat} features")
         if position_ids is not None:
             pos = np.asarray(position_ids)
             if pos.ndim == 2:
@@ -109,12 +116,6 @@ class Qwen25VL(nnx.Module):
                "segment_ids": mask, "rope_deltas": deltas}
         if image_grid_thw is not None:
             grid = np.asarray(image_grid_thw).reshape(-1, 3)
-            m2 = cfg.vision.spatial_merge_size**2
-            n_tok = int((ids == cfg.image_token_id).sum())
-            n_feat = int((grid.prod(-1) // m2).sum())
-            if n_tok != n_feat:
-                raise ValueError(f"Image features and image tokens do not match: {n_tok} <|image_pad|> tokens in "
-                                 f"input_ids but image_grid_thw gives {n_feat} features")
             v = cfg.vision
             out["vision_layout"] = rope.vision_layout(grid, merge=v.spatial_merge_size, window_size=v.window_size,
                                                       patch_size=v.patch_size).as_dict()
