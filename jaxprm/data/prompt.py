@@ -1,0 +1,403 @@
+"""The multi-turn PRM prompt, its tokenization, and the step-label positions.
+
+Format (VL-PRM, arXiv 2509.23250, and VisualPRM, arXiv 2503.10291)
+------------------------------------------------------------------
+Both papers train a PRM as a chat model that answers each solution step with a one-token verdict:
+
+* a **system** turn with a prompt that asks for ``"+"`` (correct so far) or ``"-"`` (an error so far);
+* the **first user** turn ``"### Question:\\n{question}\\n\\n### Solution Process:\\n{step_1}"``;
+  every later step ``step_k`` is **its own user turn**, holding the step text alone;
+* after every user turn an **assistant** turn holding only ``"+"`` or ``"-"``.
+
+What was found, and where (read with the code-search tool; nothing here is copied from them):
+
+* VisualPRM / VisualPRM400K — ``OpenGVLab/InternVL``,
+  ``internvl_chat/tools/reasoning_data_pipeline/visualprm_data_pipeline_postprocess.py`` (``item2conv_prm``):
+  conversations ``[system: PRM_SYSTEM_PROMPT, (human: step, gpt: "+"|"-") per step]``, the first human
+  value being the ``### Question / ### Solution Process`` string above; the gpt turn is ``"+"`` when the
+  step's Monte-Carlo score is above ``--mc-threshold`` (default 0.0), else ``"-"``; with ``--early-stop`` the
+  conversation ends at the first ``"-"``. The system prompt is ``PRM_SYSTEM_PROMPT`` in
+  ``internvl_chat/tools/reasoning_data_pipeline/utils/constants.py`` (kept here as
+  ``VISUALPRM_SYSTEM_PROMPT``). InternVL's dataset inserts ``"<image>\\n"`` at the start of the first turn
+  value when it has none, and VisualPRM-8B's ``modeling_internvl_chat.py`` (``generate_steps_with_soft_score_v2``,
+  public copies) prepends ``"<image>\\n"`` to the *question*, so there the image sits right after
+  ``"### Question:\\n"``. At inference every assistant turn holds the placeholder ``"+"``; the score of step k
+  is ``softmax(logits[+, -])[+]`` read at ``find_placeholder_idx``, which is the *last token of the assistant
+  header*, i.e. the index of the placeholder minus one — the next-token prediction of the label.
+* VL-PRM (Qwen2.5-VL based) — repository ``vlprm`` (copies at ``rohitsinha-iitfellow/vlprm`` and
+  ``theogbrand/vlprm``): training system prompt ``PRM_SYSTEM_PROMPT_FULL_NORMAL_TOK_V2`` in
+  ``train/qwen_trainer/qwenvl/data/prompts.py`` (kept here as ``PRM_SYSTEM_PROMPT``, byte for byte,
+  including the two trailing spaces after "first solution step."); ``train/qwen_trainer/qwenvl/data/data_qwen.py``
+  tokenizes ``system`` + each ``user``/``assistant`` turn with the ChatML template, supervising only the
+  ``"+"``/``"-"`` token of each assistant turn (the assistant header and ``<|im_end|>\\n`` are masked).
+  For scoring, ``eval/tts_eval/reward_guided_search/VisualPRMv2.py`` builds HF chat messages whose first user
+  content is ``[{"type": "image"}, {"type": "text", "text": "### Question:..."}]`` — the image **first, before
+  the text** (``utils/utils.py``, ``prepare_question_array_with_base64_image_strings``), previous assistant
+  turns holding ``"+"``, and reads the ``+``/``-`` logits at the next-token position;
+  ``eval/minimal_prm_evaluation.py`` does the same with all assistant turns set to the ``"+"`` placeholder
+  (its InternVL port reads the logits *at* the placeholder index, an off-by-one compared with VisualPRM's
+  ``find_placeholder_idx``; we follow VisualPRM and the training loss: the position before the label).
+
+What this module does
+---------------------
+Qwen2-VL chat messages: system = ``PRM_SYSTEM_PROMPT`` (overridable), first user turn = image entries
+followed by the question/first-step text, one user turn per further step, one assistant turn per step.
+``mode="train"`` puts the true labels in the assistant turns (unlabelled steps get the placeholder);
+``mode="score"`` puts the placeholder in every assistant turn (inference, as VisualPRM/VL-PRM do).
+The chat-template string is tokenized once (ids equal ``tokenizer.apply_chat_template``) and each
+``<|image_pad|>`` is expanded to ``t*h*w // merge_size**2`` copies, exactly like ``Qwen2_5_VLProcessor``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from jaxprm.data.tokenizer import QWEN_SPECIAL_TOKENS
+
+# VL-PRM's training system prompt (vlprm: train/qwen_trainer/qwenvl/data/prompts.py). Kept verbatim: the
+# checkpoints were trained with it, so any change shifts the model's inputs.
+PRM_SYSTEM_PROMPT = (
+    "**You are a process supervision model for visual reasoning tasks. You will receive an image and an "
+    "image-based problem statement, followed by solution steps to evaluate.**\n"
+    "\n"
+    "First round: problem statement and first solution step.  \n"
+    "Subsequent rounds: one new step per round.\n"
+    "\n"
+    "Assess the cumulative correctness of the entire solution up to each step.\n"
+    "\n"
+    "## Evaluation Criteria:\n"
+    "\n"
+    "1. **Visual Accuracy**: Are visual elements from the image correctly identified (shapes, colors, "
+    "positions, quantities, spatial relationships)?\n"
+    "\n"
+    "2. **Logical Validity**: Do all inferences and calculations follow correctly from the image and "
+    "previous steps?\n"
+    "\n"
+    "## Response:\n"
+    '- **"+"** if correct up to this step\n'
+    '- **"-"** if any error exists up to this step\n'
+    "\n"
+    'Only respond with "+" or "-". No explanations.\n'
+    "\n"
+    "An error in any step invalidates all subsequent steps."
+)
+
+# VisualPRM's system prompt (OpenGVLab/InternVL: internvl_chat/tools/reasoning_data_pipeline/utils/constants.py).
+VISUALPRM_SYSTEM_PROMPT = (
+    "You are an advanced AI assistant, designed to serve as a process supervision model. In this task, I will "
+    "provide a problem statement followed by the first step of the solution process. For each subsequent turn, "
+    "I will give you a new step in the solution. Your role is to assess whether the solution process is correct "
+    "up to the current step.\n"
+    "\n"
+    "- In the **first round**, I will input the problem and the first step of the solution process.\n"
+    "- In **each subsequent round**, I will provide the next step in the solution.\n"
+    "\n"
+    "For each step, you should:\n"
+    "\n"
+    '- Respond with **"+"** if you believe the solution process is correct up to this step.\n'
+    '- Respond with **"-"** if you detect any issues or errors in the process up to this step.\n'
+    "\n"
+    "Please note:\n"
+    '- Only respond with **"+"** or **"-"**. Do not provide any additional explanations, comments, or '
+    "justifications.\n"
+    "\n"
+    "Your task is to verify the accuracy and correctness of each step in the given solution process."
+)
+
+POSITIVE_TOKEN = "+"
+NEGATIVE_TOKEN = "-"
+IMAGE_PAD = "<|image_pad|>"
+MODES = ("train", "score")
+
+
+def first_turn_text(question: str, first_step: str) -> str:
+    """The text of the first user turn (the image entries come before it)."""
+    return f"### Question:\n{question}\n\n### Solution Process:\n{first_step}"
+
+
+def _label_text(label, placeholder: str) -> str:
+    if label is None:
+        return placeholder
+    if label == 1:
+        return POSITIVE_TOKEN
+    if label == 0:
+        return NEGATIVE_TOKEN
+    raise ValueError(f"step labels must be 1, 0 or None, got {label!r}")
+
+
+def _check_labels(labels, n_steps: int) -> list:
+    if labels is None:
+        return [None] * n_steps
+    labels = list(labels)
+    if len(labels) != n_steps:
+        raise ValueError(f"got {len(labels)} labels for {n_steps} steps")
+    out = []
+    for i, lab in enumerate(labels):
+        if isinstance(lab, (bool, np.bool_)):
+            raise ValueError(f"labels[{i}]: must be 1, 0 or None, got the bool {lab!r}")
+        if lab is None or (isinstance(lab, (int, np.integer)) and int(lab) == -1):
+            out.append(None)
+        elif isinstance(lab, (int, np.integer)) and int(lab) in (0, 1):
+            out.append(int(lab))
+        else:
+            raise ValueError(f"labels[{i}]: must be 1, 0 or None (or -1 for None), got {lab!r}")
+    return out
+
+
+def _check_text(question, steps) -> None:
+    if not isinstance(question, str):
+        raise TypeError(f"question must be a string, got {type(question).__name__}")
+    if isinstance(steps, str) or not isinstance(steps, Sequence):
+        raise TypeError(f"steps must be a list of strings, got {type(steps).__name__}")
+    if len(steps) == 0:
+        raise ValueError("steps must not be empty")
+    for i, s in enumerate(steps):
+        if not isinstance(s, str):
+            raise TypeError(f"steps[{i}] must be a string, got {type(s).__name__}")
+
+
+def build_messages(
+    question: str,
+    steps: Sequence[str],
+    labels: Sequence[int | None] | None = None,
+    num_images: int = 1,
+    placeholder: str = POSITIVE_TOKEN,
+    system_prompt: str = PRM_SYSTEM_PROMPT,
+) -> list[dict]:
+    """Chat messages (HF format, content lists) for the PRM prompt.
+
+    Assistant turn k holds ``"+"`` if ``labels[k] == 1``, ``"-"`` if 0, and ``placeholder`` if the label is
+    None or ``labels`` is None. ``num_images`` ``{"type": "image"}`` entries open the first user turn.
+    """
+    _check_text(question, steps)
+    if int(num_images) < 0:
+        raise ValueError(f"num_images must be >= 0, got {num_images}")
+    labs = _check_labels(labels, len(steps))
+    messages: list[dict] = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}]
+    for k, (step, lab) in enumerate(zip(steps, labs)):
+        if k == 0:
+            content = [{"type": "image"} for _ in range(int(num_images))]
+            content.append({"type": "text", "text": first_turn_text(question, step)})
+        else:
+            content = [{"type": "text", "text": step}]
+        messages.append({"role": "user", "content": content})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": _label_text(lab, placeholder)}]})
+    return messages
+
+
+@dataclasses.dataclass
+class PromptEncoding:
+    input_ids: np.ndarray  # (L,) int32, image pads expanded
+    label_positions: np.ndarray  # (n_kept,) int32: index whose next-token logits predict the step's "+"/"-"
+    label_token_index: np.ndarray  # (n_kept,) int32: index of the "+"/"-" (or placeholder) token itself
+    labels: np.ndarray  # (n_kept,) int32: 1, 0, or -1 (unsupervised)
+    num_steps_dropped: int
+    plus_id: int
+    minus_id: int
+    num_image_tokens: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.int64))  # per image
+    text: str = dataclasses.field(default="", repr=False)  # the chat-template string (image pads not expanded)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.label_positions.shape[0])
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def _single_token_id(tokenizer, s: str, what: str) -> int:
+    ids = tokenizer.encode(s, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(
+            f"{what} {s!r} must be a single token in this tokenizer, but it encodes to {len(ids)} tokens {ids}"
+        )
+    return int(ids[0])
+
+
+def label_token_ids(tokenizer) -> tuple[int, int]:
+    """Ids of ``"+"`` and ``"-"``; raises ``ValueError`` unless each is exactly one token."""
+    plus = _single_token_id(tokenizer, POSITIVE_TOKEN, "the positive label")
+    minus = _single_token_id(tokenizer, NEGATIVE_TOKEN, "the negative label")
+    if plus == minus:
+        raise ValueError(f'"+" and "-" map to the same token id {plus}')
+    return plus, minus
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _check_no_control_tokens(question: str, steps: Sequence[str], system_prompt: str, placeholder: str):
+    def check(s, where):
+        for t in QWEN_SPECIAL_TOKENS:
+            if t in s:
+                raise ValueError(f"{where} contains the special token string {t!r}, which would break the prompt")
+
+    check(question, "question")
+    check(system_prompt, "system_prompt")
+    check(placeholder, "placeholder")
+    for i, s in enumerate(steps):
+        check(s, f"steps[{i}]")
+
+
+def _tokenize(tokenizer, text: str):
+    """(ids, token start offsets or None)."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [int(a) for a, _ in enc["offset_mapping"]], [int(b) for _, b in enc["offset_mapping"]]
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]), None, None
+
+
+def _count_tokens_before(tokenizer, text: str, ids, starts, char_pos: int) -> int:
+    """Number of leading tokens of ``text`` that lie before ``char_pos`` (a token boundary)."""
+    if starts is not None:
+        return int(np.searchsorted(np.asarray(starts), char_pos, side="left"))
+    prefix = list(tokenizer(text[:char_pos], add_special_tokens=False)["input_ids"])
+    if ids[: len(prefix)] != prefix:
+        raise RuntimeError("tokenization of the prompt prefix is not a prefix of the full tokenization")
+    return len(prefix)
+
+
+def encode_prm_example(
+    tokenizer,
+    question: str,
+    steps: Sequence[str],
+    labels: Sequence[int | None] | None = None,
+    image_grid_thw: np.ndarray | None = None,
+    merge_size: int = 2,
+    max_length: int | None = None,
+    placeholder: str = POSITIVE_TOKEN,
+    *,
+    mode: str = "score",
+    system_prompt: str = PRM_SYSTEM_PROMPT,
+) -> PromptEncoding:
+    """Tokenize one (image(s), question, steps) example into the PRM prompt.
+
+    mode: ``"train"`` — assistant turns hold the true labels (``"+"``/``"-"``; unlabelled steps get
+      ``placeholder``); ``"score"`` — every assistant turn holds ``placeholder`` (inference). ``labels`` are
+      carried into ``PromptEncoding.labels`` in both modes (1/0, -1 for None).
+    image_grid_thw: ``(n_images, 3)`` grids from the image processor (None: no image); each image's
+      ``<|image_pad|>`` is expanded to ``t*h*w // merge_size**2`` tokens.
+    max_length: drop whole trailing steps (never part of a step or of the image tokens) until the sequence
+      fits; ``num_steps_dropped`` says how many. Raises ``ValueError`` if the question and first step alone
+      do not fit.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(placeholder, str) or not placeholder:
+        raise ValueError(f"placeholder must be a non-empty string, got {placeholder!r}")
+    _check_text(question, steps)
+    labs = _check_labels(labels, len(steps))
+    if image_grid_thw is None:
+        grids = np.zeros((0, 3), np.int64)
+    else:
+        grids = np.asarray(image_grid_thw, dtype=np.int64)
+        if grids.ndim == 1 and grids.shape == (3,):
+            grids = grids[None]
+        if grids.ndim != 2 or grids.shape[1] != 3:
+            raise ValueError(f"image_grid_thw must have shape (n_images, 3), got {grids.shape}")
+    if merge_size <= 0:
+        raise ValueError(f"merge_size must be positive, got {merge_size}")
+    n_tok = grids.prod(axis=1) // (merge_size**2) if len(grids) else np.zeros((0,), np.int64)
+    if np.any(n_tok <= 0):
+        raise ValueError(f"every image needs at least one token; image_grid_thw={grids.tolist()}, merge_size={merge_size}")
+    if max_length is not None and max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+
+    plus_id, minus_id = label_token_ids(tokenizer)
+    placeholder_id = _single_token_id(tokenizer, placeholder, "the placeholder")
+    pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    if len(grids) and (pad_id is None or pad_id == tokenizer.unk_token_id):
+        raise ValueError(f"tokenizer has no {IMAGE_PAD!r} token; is it a Qwen2/Qwen2.5-VL tokenizer?")
+
+    turn_labels = labs if mode == "train" else [None] * len(labs)
+    messages = build_messages(question, steps, turn_labels, num_images=len(grids), placeholder=placeholder,
+                              system_prompt=system_prompt)
+    _check_no_control_tokens(question, steps, system_prompt, placeholder)
+    n_steps = len(steps)
+
+    text = _render(tokenizer, messages)
+    ids, starts, ends = _tokenize(tokenizer, text)
+
+    # Character span of each assistant label: the template rendered up to user turn k with the generation
+    # prompt ends exactly where assistant turn k's content starts.
+    label_chars, turn_end_chars, label_strs = [], [], []
+    for k in range(n_steps):
+        head = _render(tokenizer, messages[: 2 * k + 2], add_generation_prompt=True)
+        through = _render(tokenizer, messages[: 2 * k + 3])
+        lab_s = _label_text(turn_labels[k], placeholder)
+        if not text.startswith(head) or not text.startswith(through) or text[len(head): len(head) + len(lab_s)] != lab_s:
+            raise RuntimeError(
+                "the tokenizer's chat template does not render conversations prefix by prefix; cannot locate "
+                f"the label of step {k}"
+            )
+        label_chars.append(len(head))
+        turn_end_chars.append(len(through))
+        label_strs.append(lab_s)
+
+    # Token index of each label (before image-pad expansion) and its verification.
+    label_tok = []
+    for k, c in enumerate(label_chars):
+        j = _count_tokens_before(tokenizer, text, ids, starts, c)
+        expect = {POSITIVE_TOKEN: plus_id, NEGATIVE_TOKEN: minus_id}.get(label_strs[k], placeholder_id)
+        ok = j < len(ids) and ids[j] == expect
+        if starts is not None:
+            ok = ok and starts[j] == c and ends[j] == c + len(label_strs[k])
+        if not ok:
+            got = ids[j] if j < len(ids) else None
+            raise ValueError(
+                f"step {k}: the label {label_strs[k]!r} did not tokenize to its own token in context "
+                f"(expected id {expect} at token {j}, got {got}); the tokenizer merges it with its neighbours"
+            )
+        label_tok.append(j)
+
+    # Image pads: expand each to its number of tokens.
+    ids_arr = np.asarray(ids, dtype=np.int64)
+    pad_pos = np.flatnonzero(ids_arr == pad_id) if len(grids) else np.zeros((0,), np.int64)
+    if len(pad_pos) != len(grids):
+        raise ValueError(f"the prompt has {len(pad_pos)} {IMAGE_PAD} tokens but image_grid_thw has {len(grids)} images")
+    repeats = np.ones(len(ids_arr), dtype=np.int64)
+    repeats[pad_pos] = n_tok
+    new_start = np.concatenate([[0], np.cumsum(repeats)])  # new index of old token i; new_start[-1] = total
+    input_ids = np.repeat(ids_arr, repeats)
+
+    label_token_index = new_start[np.asarray(label_tok, dtype=np.int64)]
+    turn_end_tokens = np.asarray(
+        [new_start[_count_tokens_before(tokenizer, text, ids, starts, e)] for e in turn_end_chars], dtype=np.int64
+    )
+    if turn_end_tokens[-1] != len(input_ids):
+        raise RuntimeError("the chat template adds text after the last assistant turn; cannot truncate by steps")
+
+    n_keep = n_steps
+    if max_length is not None and len(input_ids) > max_length:
+        fits = np.flatnonzero(turn_end_tokens <= max_length)
+        if len(fits) == 0:
+            raise ValueError(
+                f"the prompt needs {int(turn_end_tokens[0])} tokens for the question and the first step "
+                f"({int(n_tok.sum())} of them image tokens) but max_length={max_length}"
+            )
+        n_keep = int(fits[-1]) + 1
+        cut = int(turn_end_tokens[n_keep - 1])
+        # The kept prefix must equal what the shorter conversation tokenizes to on its own.
+        short_text = _render(tokenizer, messages[: 2 * n_keep + 1])
+        short_ids = list(tokenizer(short_text, add_special_tokens=False)["input_ids"])
+        if short_ids != ids[: len(short_ids)] or new_start[len(short_ids)] != cut:
+            raise RuntimeError("truncating the conversation changed the tokenization of the kept steps")
+        input_ids = input_ids[:cut]
+        text = short_text
+
+    label_token_index = label_token_index[:n_keep]
+    out_labels = np.asarray([-1 if lab is None else lab for lab in labs[:n_keep]], dtype=np.int32)
+    return PromptEncoding(
+        input_ids=input_ids.astype(np.int32),
+        label_positions=(label_token_index - 1).astype(np.int32),
+        label_token_index=label_token_index.astype(np.int32),
+        labels=out_labels,
+        num_steps_dropped=n_steps - n_keep,
+        plus_id=plus_id,
+        minus_id=minus_id,
+        num_image_tokens=n_tok.astype(np.int64),
+        text=text,
+    )
