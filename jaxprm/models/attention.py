@@ -67,6 +67,12 @@ def xla_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal=Fa
 
 
 def cudnn_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal=False, scale=None):
+    t, s = q.shape[1], k.shape[1]
+    if causal and t != s:
+        # cuDNN's causal mask is aligned top-left; queries that follow a cached prefix need the
+        # bottom-right alignment, so spell the mask out.
+        mask = segment_mask(q_segment_ids, kv_segment_ids, True, t, s)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
     mask = None
     if q_segment_ids is not None:
         mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
@@ -90,7 +96,7 @@ def splash_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal
 
     b, t, n, h = q.shape
     s = k.shape[1]
-    if t % 128 or s % 128:
+    if t % 128 or s % 128 or (causal and t != s):
         return xla_attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                              causal=causal, scale=scale)
     scale = h**-0.5 if scale is None else scale

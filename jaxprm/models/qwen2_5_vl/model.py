@@ -64,10 +64,26 @@ class Qwen25VL(nnx.Module):
         feats = image_features.astype(x.dtype)[jnp.clip(idx, 0, image_features.shape[0] - 1)]
         return jnp.where(mask[..., None], feats.reshape(x.shape), x)
 
-    def hidden_states(self, input_ids, position_ids, segment_ids, pixel_values=None, vision_layout=None):
-        """Final-normed decoder states (B, L, D). position_ids (3, B, L); segment_ids (B, L)."""
-        feats = None if pixel_values is None else self.image_features(pixel_values, vision_layout)
-        return self.language_model(self.embed(input_ids, feats), position_ids, segment_ids)
+    def hidden_states(self, input_ids, position_ids, segment_ids, pixel_values=None, vision_layout=None,
+                      past_kv=None, past_segment_ids=None, return_kv: bool = False):
+        """Final-normed decoder states (B, L, D). position_ids (3, B, L); segment_ids (B, L).
+
+        Vision inputs are either one flat batch of patches (``pixel_values`` (N, patch_dim), layout
+        arrays unbatched, features scattered over the placeholders of all rows in order) or per row
+        (``pixel_values`` (B, P, patch_dim), layout arrays with a leading B): the fixed-shape form
+        the data pipeline emits, which shards with the batch. ``past_kv`` / ``return_kv``: see
+        ``TextModel.__call__``.
+        """
+        if pixel_values is None:
+            embeds = self.embed(input_ids)
+        elif pixel_values.ndim == 2:
+            embeds = self.embed(input_ids, self.image_features(pixel_values, vision_layout))
+        else:
+            layout = tuple(vision_layout[k] for k in LAYOUT_KEYS)
+            feats = jax.vmap(lambda pv, *lay: self.visual(pv, *lay))(pixel_values, *layout)
+            embeds = jax.vmap(lambda ids, f: self.embed(ids[None], f)[0])(input_ids, feats)
+        return self.language_model(embeds, position_ids, segment_ids, past_kv=past_kv,
+                                   past_segment_ids=past_segment_ids, return_kv=return_kv)
 
     def lm_head_weight(self):
         w = self.language_model.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]

@@ -62,29 +62,41 @@ class TextModel(nnx.Module):
     def embed(self, input_ids):
         return self.embed_tokens[...].astype(self.dtype)[input_ids]
 
-    def __call__(self, inputs_embeds, position_ids, segment_ids):
-        """inputs_embeds (B, L, D), position_ids (3, B, L), segment_ids (B, L) -> final-normed hidden (B, L, D)."""
+    def __call__(self, inputs_embeds, position_ids, segment_ids, past_kv=None, past_segment_ids=None,
+                 return_kv: bool = False):
+        """inputs_embeds (B, L, D), position_ids (3, B, L), segment_ids (B, L) -> final-normed hidden (B, L, D).
+
+        ``past_kv``: optional (k, v), each (layers, B, S, K, head_dim), of tokens that precede this chunk
+        (a shared prompt prefix, or a decoding cache); ``past_segment_ids`` (B, S) says which of them
+        each query may see (equal ids; 0 for empty cache slots / padding). With ``return_kv`` also
+        returns this chunk's (k, v), each (layers, B, L, K, head_dim), rotary already applied.
+        """
         cfg, dt = self.cfg, self.dtype
         b, l, _ = inputs_embeds.shape
         H, K, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         cos, sin = mrope_cos_sin(position_ids, cfg, dt)
         act, eps, impl = activation(cfg.hidden_act), cfg.rms_norm_eps, self.attn_impl
+        kv_seg = segment_ids if past_kv is None else jnp.concatenate([past_segment_ids, segment_ids], axis=1)
 
-        def layer(h, p):
+        def layer(h, xs):
+            p, past = xs
             y = rms_norm(h, p["input_norm"], eps)
             q = dense(y, p["q_w"], p["q_b"]).reshape(b, l, H, hd)
             k = dense(y, p["k_w"], p["k_b"]).reshape(b, l, K, hd)
             v = dense(y, p["v_w"], p["v_b"]).reshape(b, l, K, hd)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-            o = attn_lib.attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+            k_all, v_all = (k, v) if past is None else (jnp.concatenate([past[0].astype(dt), k], 1),
+                                                        jnp.concatenate([past[1].astype(dt), v], 1))
+            o = attn_lib.attention(q, k_all, v_all, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
                                    causal=True, impl=impl)
             o = dense(o.reshape(b, l, H * hd), p["o_w"])
             h = h + checkpoint_name(o, "attn_out")
             y = rms_norm(h, p["post_norm"], eps)
             m = dense(act(dense(y, p["gate_w"])) * dense(y, p["up_w"]), p["down_w"])
-            return h + checkpoint_name(m, "mlp_out"), None
+            return h + checkpoint_name(m, "mlp_out"), ((k, v) if return_kv else None)
 
-        h, _ = jax.lax.scan(remat(layer, self.remat_policy), inputs_embeds.astype(dt),
-                            values(self.layers, LAYER_PARAMS, dt))
-        return rms_norm(h, self.norm[...].astype(dt), eps)
+        h, kv = jax.lax.scan(remat(layer, self.remat_policy), inputs_embeds.astype(dt),
+                             (values(self.layers, LAYER_PARAMS, dt), past_kv))
+        h = rms_norm(h, self.norm[...].astype(dt), eps)
+        return (h, kv) if return_kv else h
