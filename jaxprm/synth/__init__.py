@@ -1,0 +1,14 @@
+"""Hybrid step-label synthesis (VL-PRM style): policy rollouts, Monte-Carlo values, a VLM judge,
+and fusion of the two into step labels.
+
+    python -m jaxprm.synth --config configs/synth_tiny.py --out OUT [--config.x=y ...] [--shard i/n]
+    python -m jaxprm.synth.report --records OUT
+
+Modules: ``format`` (tagged "[Visual Elements]"/"[Reasoning]" format: prompt, parser, renderers),
+``questions`` (input questions, sharding), ``policies`` (rollout-policy protocol, OpenAI-compatible
+adapter, scripted puzzle solver), ``rollout`` (re-asks, batched MC values), ``judge`` (VLM judge
+over ``OpenAIChatClient``, scripted judge), ``fuse`` (label rules from ``jaxprm.data.labels``),
+``run`` (resumable, sharded pipeline), ``report`` (label accuracy on the puzzle task), ``puzzle``
+(ground truth for puzzles), ``mock_server`` (local OpenAI-compatible server for offline runs),
+``config`` (defaults and ``--config.*`` overrides).
+"""
