@@ -240,6 +240,31 @@ class ImageProcessor:
             return cls.from_config(cfg.get("image_processor", cfg))
         raise FileNotFoundError(f"no preprocessor_config.json or processor_config.json in {hf_dir!r}")
 
+    def to_config(self) -> dict[str, Any]:
+        """A ``preprocessor_config.json`` dict that both ``from_config`` and transformers read."""
+        return {
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "patch_size": self.patch_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "merge_size": self.merge_size,
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "rescale_factor": self.rescale_factor,
+            "resample": 3,
+            "do_resize": True,
+            "do_rescale": True,
+            "do_normalize": True,
+            "do_convert_rgb": True,
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(os.fspath(directory), "preprocessor_config.json"), "w", encoding="utf-8") as f:
+            json.dump(self.to_config(), f, indent=2)
+
     # -- sizes -------------------------------------------------------------------------------------------
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
         return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)

@@ -67,6 +67,8 @@ class Qwen25VLConfig:
     vision_end_token_id: int = 151653
     tie_word_embeddings: bool = False
     tokens_per_second: int = 4
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
 
     def __post_init__(self):
         v, t = self.vision, self.text
@@ -129,7 +131,10 @@ class Qwen25VLConfig:
         }
         # transformers' default when a checkpoint does not say (real Qwen2.5-VL configs say 2)
         tps = vis.get("tokens_per_second", d.get("tokens_per_second", 4))
-        return cls(VisionConfig(**vkw), TextConfig(**tkw), tie_word_embeddings=tie, tokens_per_second=int(tps), **top)
+        special = {k: (tuple(text[k]) if isinstance(text[k], list) else text[k])
+                   for k in ("bos_token_id", "eos_token_id") if text.get(k) is not None}
+        return cls(VisionConfig(**vkw), TextConfig(**tkw), tie_word_embeddings=tie, tokens_per_second=int(tps),
+                   **top, **special)
 
     @classmethod
     def from_pretrained(cls, path: str) -> "Qwen25VLConfig":
@@ -154,6 +159,8 @@ class Qwen25VLConfig:
         text = dataclasses.asdict(t)
         text.pop("mrope_section")
         text.pop("rope_theta")
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        text["bos_token_id"], text["eos_token_id"] = self.bos_token_id, eos
         text["rope_parameters"] = {
             "rope_type": "default",
             "rope_theta": t.rope_theta,

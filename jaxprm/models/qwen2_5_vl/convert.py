@@ -76,6 +76,9 @@ def read_checkpoint_tensors(hf_dir: str) -> dict[str, np.ndarray]:
             files = sorted(set(json.load(f)["weight_map"].values()))
     else:
         files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+        # model.safetensors / model-0000k-of-0000n.safetensors; other files (e.g. a PRM's
+        # step_head.safetensors) are not backbone weights
+        files = [f for f in files if f.startswith("model")] or files
     if not files:
         raise FileNotFoundError(f"{hf_dir}: no *.safetensors weights found (PyTorch .bin checkpoints are not "
                                 "supported: re-save with save_pretrained(safe_serialization=True))")

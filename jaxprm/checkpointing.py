@@ -1,0 +1,158 @@
+"""Where a PRM's weights and everything needed to use them live on disk.
+
+A training workdir::
+
+    workdir/
+      assets/            prm.json, config.json (HF Qwen2.5-VL config), preprocessor_config.json,
+                         tokenizer files -- written once at start-up
+      checkpoints/<step>/ Orbax CheckpointManager steps, items:
+                           params     nnx.Param state of the PRM (pure dict)
+                           opt_state  optimizer state
+                           data       Grain iterator state
+                           meta       JSON: step, epoch, metrics
+      events/            TensorBoard event files
+
+An exported PRM (``export_hf``) is a plain HF Qwen2.5-VL directory (config.json, model.safetensors,
+tokenizer, preprocessor_config.json) plus prm.json (and step_head.safetensors for a linear head),
+so transformers can load the backbone and ``load_prm_model`` the whole PRM.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxprm.data.preprocess import ImageProcessor
+from jaxprm.models.prm import PRMModel, PRMSpec
+from jaxprm.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
+from jaxprm.models.qwen2_5_vl.convert import from_pretrained, read_safetensors, save_pretrained, write_safetensors
+
+ASSETS, CHECKPOINTS = "assets", "checkpoints"
+
+
+# ------------------------------------------------------------------------------------------------
+# assets: what turns arrays into a usable PRM
+# ------------------------------------------------------------------------------------------------
+def save_assets(directory: str, *, spec: PRMSpec, model_config: Qwen25VLConfig, tokenizer,
+                image_processor: ImageProcessor) -> None:
+    os.makedirs(directory, exist_ok=True)
+    spec.save(directory)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump({**model_config.to_hf_dict(), "architectures": ["Qwen2_5_VLForConditionalGeneration"]}, f, indent=2)
+    image_processor.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def default_spec(tokenizer, head: str = "lm_rows") -> PRMSpec:
+    """The VL-PRM / VisualPRM convention: the "+" and "-" tokens' rows of the lm head."""
+    from jaxprm.data.prompt import label_token_ids
+
+    plus, minus = label_token_ids(tokenizer)
+    return PRMSpec(plus_id=plus, minus_id=minus, head=head)
+
+
+def load_assets(directory: str):
+    """(spec, model_config, tokenizer, image_processor) from an assets dir or an HF/exported PRM dir."""
+    from transformers import AutoTokenizer
+
+    if not os.path.exists(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(f"{directory}: no config.json; expected a jaxprm workdir, an exported PRM "
+                                "or an HF Qwen2.5-VL directory")
+    config = Qwen25VLConfig.from_pretrained(directory)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{directory}: could not load a tokenizer ({e}); copy the base model's "
+                                "tokenizer files into this directory") from e
+    try:
+        image_processor = ImageProcessor.from_pretrained(directory)
+    except FileNotFoundError:
+        image_processor = ImageProcessor(patch_size=config.vision.patch_size,
+                                         temporal_patch_size=config.vision.temporal_patch_size,
+                                         merge_size=config.vision.spatial_merge_size)
+    spec = PRMSpec.load(directory) or default_spec(tokenizer)
+    return spec, config, tokenizer, image_processor
+
+
+# ------------------------------------------------------------------------------------------------
+# Orbax checkpoints of a training run
+# ------------------------------------------------------------------------------------------------
+def checkpoint_manager(workdir: str, *, max_to_keep: int | None = 3, save_interval_steps: int = 1,
+                       async_save: bool = True, item_names=("params", "opt_state", "data", "meta")):
+    import orbax.checkpoint as ocp
+
+    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+                                        enable_async_checkpointing=async_save, create=True)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINTS)), options=opts,
+                                 item_names=item_names)
+
+
+def param_state(model) -> dict:
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def restore_params(workdir: str, model, step: int | None = None) -> int:
+    """Fill ``model``'s params in place from the checkpoint at ``step`` (default: latest); returns the step."""
+    import orbax.checkpoint as ocp
+
+    mngr = checkpoint_manager(workdir, async_save=False)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir}: no checkpoints under {CHECKPOINTS}/")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                            param_state(model))
+    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, restored["params"])
+    nnx.update(model, state)
+    mngr.close()
+    return step
+
+
+def is_workdir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, ASSETS)) and os.path.isdir(os.path.join(path, CHECKPOINTS))
+
+
+# ------------------------------------------------------------------------------------------------
+# loading and exporting whole PRMs
+# ------------------------------------------------------------------------------------------------
+def load_prm_model(path: str, dtype=jnp.float32, step: int | None = None, attn_impl: str = "auto"):
+    """(PRMModel, tokenizer, image_processor) from a training workdir (latest or given ``step``) or
+    an HF-format directory (an exported jaxprm PRM, or a released VL-PRM/Qwen-VL checkpoint)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is not a directory")
+    if is_workdir(path):
+        spec, config, tok, ip = load_assets(os.path.join(path, ASSETS))
+        # abstract (no allocation, no random init); the restore fills in the arrays
+        model = nnx.eval_shape(lambda: PRMModel(Qwen25VL(config, dtype=dtype, attn_impl=attn_impl), spec))
+        restore_params(path, model, step)
+        return model, tok, ip
+    if step is not None:
+        raise ValueError(f"step={step} only applies to a training workdir; {path} is an HF/exported directory")
+    spec, _, tok, ip = load_assets(path)
+    backbone = from_pretrained(path, dtype=dtype, attn_impl=attn_impl)
+    model = PRMModel(backbone, spec)
+    if spec.head == "linear":
+        f = os.path.join(path, "step_head.safetensors")
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"{path}: prm.json says head='linear' but step_head.safetensors is missing")
+        t = read_safetensors(f)
+        model.step_head[...] = jnp.asarray(np.asarray(t["step_head"]), model.step_head[...].dtype)
+        model.step_bias[...] = jnp.asarray(np.asarray(t["step_bias"]), model.step_bias[...].dtype)
+    return model, tok, ip
+
+
+def export_hf(model: PRMModel, tokenizer, image_processor: ImageProcessor, out_dir: str, dtype=None) -> str:
+    """Write the PRM as an HF Qwen2.5-VL directory + prm.json (see module docstring)."""
+    save_pretrained(model.backbone, out_dir, dtype=dtype)
+    tokenizer.save_pretrained(out_dir)
+    image_processor.save_pretrained(out_dir)
+    model.spec.save(out_dir)
+    if model.step_head is not None:
+        write_safetensors(os.path.join(out_dir, "step_head.safetensors"),
+                          {"step_head": np.asarray(model.step_head[...]), "step_bias": np.asarray(model.step_bias[...])})
+    return out_dir

@@ -1,0 +1,629 @@
+"""Score solution steps with a PRM: ``load_prm(path)`` -> ``PRM.score / score_batch / score_candidates``.
+
+Two layers:
+
+``Scorer`` (device side) runs jitted, fixed-shape forwards of a ``PRMModel`` and returns P(step is
+correct) at given token positions. Every input is padded to a *bucket* so that a small, known set of
+shapes is ever compiled:
+
+* rows of a batch: ``batch_buckets`` (default 1, 2, 4, 8; a chunk of ``batch_size`` rows at most),
+  missing rows are dummy (all padding) rows;
+* token lengths: ``length_buckets`` for whole sequences, ``prefix_buckets`` for shared prefixes and
+  ``suffix_buckets`` for the candidate continuations; lengths above the largest bucket round up to a
+  multiple of it (a new, rarely used shape);
+* vision patches per row: ``patch_buckets`` (0 = no image, a separate variant without the tower).
+
+Three jitted functions (``nnx.split`` once into graphdef/state; pure functions of ``(state, arrays)``
+that ``nnx.merge`` inside the trace, so a call is one cheap C++ dispatch): ``full`` (whole sequences,
+per-row vision), ``prefix`` (one shared prefix with its image(s) -> its K/V cache) and ``suffix``
+(a batch of continuations attending to the prefix cache broadcast over the rows). Each returns only
+the 2-class step head at every position -- (B, L) probabilities, never full-vocabulary logits --
+and the host picks the label positions. The jitted functions are shared by all scorers whose model
+has the same graph (architecture, dtype, head), and ``Scorer.trace_counts`` counts their traces, so
+tests can prove that no recompilation happens after warm-up.
+
+``PRM`` (host side) builds the VL-PRM prompt (``jaxprm.data.prompt.encode_prm_example``), the
+image patches (``ImageProcessor``) and the 3D M-RoPE positions (``rope.get_rope_index``) and calls the
+scorer. ``score_candidates`` scores N solutions of one problem: the system turn, the image(s) and
+the question are run once, and only each candidate's own tokens are run in batches. The shared prefix
+is not assumed from the template: it is the longest common prefix of the candidates' token ids, cut
+before the first label position, and checked to hold every image token.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxprm.data.preprocess import ImageProcessor
+from jaxprm.data.prompt import PRM_SYSTEM_PROMPT, encode_prm_example
+from jaxprm.models.prm import PRMModel, step_probs
+from jaxprm.models.qwen2_5_vl import rope
+from jaxprm.models.qwen2_5_vl.model import LAYOUT_KEYS
+
+__all__ = ["PRM", "Scorer", "TokenSequence", "load_prm", "bucket_size",
+           "DEFAULT_LENGTH_BUCKETS", "DEFAULT_SUFFIX_BUCKETS", "DEFAULT_PATCH_BUCKETS", "DEFAULT_BATCH_BUCKETS"]
+
+DEFAULT_LENGTH_BUCKETS = (128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+DEFAULT_SUFFIX_BUCKETS = (32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+DEFAULT_PATCH_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384)
+DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8)
+
+
+def bucket_size(n: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket >= n; above the largest, the next multiple of the largest."""
+    n = int(n)
+    for b in buckets:
+        if n <= b:
+            return int(b)
+    top = int(buckets[-1])
+    return -(-n // top) * top
+
+
+def _check_buckets(name: str, buckets, multiple_of: int = 1) -> tuple[int, ...]:
+    try:
+        out = tuple(int(b) for b in buckets)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of positive ints, got {buckets!r}") from None
+    if not out or any(b <= 0 for b in out) or list(out) != sorted(set(out)):
+        raise ValueError(f"{name} must be a non-empty, strictly increasing list of positive ints, got {buckets!r}")
+    bad = [b for b in out if b % multiple_of]
+    if bad:
+        raise ValueError(f"{name}: {bad} are not multiples of {multiple_of}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# host-side inputs of the scorer
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TokenSequence:
+    """One tokenized sequence to score (no padding).
+
+    input_ids (L,), position_ids (3, L) (M-RoPE positions of these tokens; for a suffix the slice of
+    the full sequence's positions), label_positions (S,) indices into this sequence whose step head is
+    read, pixel_values (n_patches, patch_dim) / image_grid_thw (n_images, 3) or None.
+    """
+
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    label_positions: np.ndarray
+    pixel_values: np.ndarray | None = None
+    image_grid_thw: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.input_ids = np.asarray(self.input_ids, np.int32).reshape(-1)
+        n = self.input_ids.shape[0]
+        pos = np.asarray(self.position_ids, np.int32)
+        if pos.ndim == 1:
+            pos = np.broadcast_to(pos[None], (3, n))
+        if pos.shape != (3, n):
+            raise ValueError(f"position_ids must have shape (3, {n}), got {pos.shape}")
+        self.position_ids = pos
+        self.label_positions = np.asarray(self.label_positions, np.int64).reshape(-1)
+        if n == 0:
+            raise ValueError("empty sequence")
+        if len(self.label_positions) and (self.label_positions.min() < 0 or self.label_positions.max() >= n):
+            raise ValueError(f"label positions {self.label_positions.tolist()} outside [0, {n})")
+        if (self.pixel_values is None) != (self.image_grid_thw is None):
+            raise ValueError("give pixel_values and image_grid_thw together")
+        if self.pixel_values is not None:
+            self.pixel_values = np.asarray(self.pixel_values, np.float32)
+            self.image_grid_thw = np.asarray(self.image_grid_thw, np.int64).reshape(-1, 3)
+            if int(self.image_grid_thw.prod(-1).sum()) != self.pixel_values.shape[0]:
+                raise ValueError("image_grid_thw does not match the number of patches in pixel_values")
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_patches(self) -> int:
+        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
+
+
+
+
+
+# ------------------------------------------------------------------------------------------------
+# the jitted functions (shared per model graph)
+# ------------------------------------------------------------------------------------------------
+class _Compiled:
+    """The three jitted functions of one model graph, with a trace counter."""
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+        self.trace_counts: collections.Counter = collections.Counter()
+        gd = graphdef
+
+        def layout_of(batch):
+            return {k: batch[k] for k in LAYOUT_KEYS} if "pixel_values" in batch else None
+
+        def full(state, batch):
+            self.trace_counts["full"] += 1
+            model = nnx.merge(gd, state)
+            h = model.backbone.hidden_states(batch["input_ids"], batch["position_ids"], batch["segment_ids"],
+                                             batch.get("pixel_values"), layout_of(batch))
+            return step_probs(model.head(h))
+
+        def prefix(state, batch):
+            self.trace_counts["prefix"] += 1
+            model = nnx.merge(gd, state)
+            _, kv = model.backbone.hidden_states(batch["input_ids"], batch["position_ids"], batch["segment_ids"],
+                                                 batch.get("pixel_values"), layout_of(batch), return_kv=True)
+            return kv
+
+        def suffix(state, kv, past_segment_ids, batch):
+            self.trace_counts["suffix"] += 1
+            model = nnx.merge(gd, state)
+            b = batch["input_ids"].shape[0]
+            past = tuple(jnp.broadcast_to(x, (x.shape[0], b, *x.shape[2:])) for x in kv)
+            past_seg = jnp.broadcast_to(past_segment_ids, (b, past_segment_ids.shape[1]))
+            h = model.backbone.hidden_states(batch["input_ids"], batch["position_ids"], batch["segment_ids"],
+                                             past_kv=past, past_segment_ids=past_seg)
+            return step_probs(model.head(h))
+
+        self.full, self.prefix, self.suffix = jax.jit(full), jax.jit(prefix), jax.jit(suffix)
+
+    def cache_sizes(self) -> dict[str, int]:
+        return {n: getattr(self, n)._cache_size() for n in ("full", "prefix", "suffix")}
+
+
+_COMPILED: dict[Any, _Compiled] = {}
+_COMPILED_LOCK = threading.Lock()
+
+
+def _compiled_for(graphdef) -> _Compiled:
+    with _COMPILED_LOCK:
+        c = _COMPILED.get(graphdef)
+        if c is None:
+            c = _COMPILED[graphdef] = _Compiled(graphdef)
+        return c
+
+
+# ------------------------------------------------------------------------------------------------
+# Scorer
+# ------------------------------------------------------------------------------------------------
+class Scorer:
+    """Bucketed, jitted step scoring for a ``PRMModel`` (see the module docstring)."""
+
+    def __init__(self, model: PRMModel, *, batch_size: int = 8, batch_buckets: Sequence[int] | None = None,
+                 length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+                 prefix_buckets: Sequence[int] | None = None,
+                 suffix_buckets: Sequence[int] = DEFAULT_SUFFIX_BUCKETS,
+                 patch_buckets: Sequence[int] = DEFAULT_PATCH_BUCKETS,
+                 max_batch_tokens: int | None = None):
+        if not isinstance(model, PRMModel):
+            raise TypeError(f"Scorer needs a jaxprm.models.prm.PRMModel, got {type(model).__name__}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.config = model.backbone.config
+        v = self.config.vision
+        self.merge = v.spatial_merge_size
+        self.patch_dim = v.patch_dim
+        self.batch_size = int(batch_size)
+        if batch_buckets is None:
+            batch_buckets = sorted({min(2**i, self.batch_size) for i in range(self.batch_size.bit_length() + 1)})
+        self.batch_buckets = _check_buckets("batch_buckets", batch_buckets)
+        if self.batch_buckets[-1] < self.batch_size:
+            raise ValueError(f"the largest batch bucket {self.batch_buckets[-1]} < batch_size {self.batch_size}")
+        self.batch_buckets = tuple(b for b in self.batch_buckets if b <= self.batch_size)
+        self.length_buckets = _check_buckets("length_buckets", length_buckets)
+        self.prefix_buckets = _check_buckets("prefix_buckets", prefix_buckets or self.length_buckets)
+        self.suffix_buckets = _check_buckets("suffix_buckets", suffix_buckets)
+        self.patch_buckets = _check_buckets("patch_buckets", patch_buckets, self.merge**2)
+        self.max_batch_tokens = None if max_batch_tokens is None else int(max_batch_tokens)
+        self.graphdef, self.state = nnx.split(model)
+        self._fns = _compiled_for(self.graphdef)
+        self._layouts: dict = {}
+
+    # -- introspection ---------------------------------------------------------------------------
+    @property
+    def trace_counts(self) -> dict[str, int]:
+        """Traces (= compilations) so far of the jitted functions this scorer uses (shared by every
+        scorer of a model with the same graph)."""
+        return dict(self._fns.trace_counts)
+
+    @property
+    def num_compiles(self) -> int:
+        return sum(self._fns.trace_counts.values())
+
+    def cache_sizes(self) -> dict[str, int]:
+        return self._fns.cache_sizes()
+
+    def update_state(self, model: PRMModel | None = None) -> None:
+        """Pick up new weights (same architecture) after ``self.model`` was changed in place or replaced."""
+        model = self.model if model is None else model
+        graphdef, state = nnx.split(model)
+        if graphdef != self.graphdef:
+            raise ValueError("update_state needs a model with the same graph (architecture, dtype, head)")
+        self.model, self.state = model, state
+
+    # -- buckets ---------------------------------------------------------------------------------
+    def _rows(self, n: int) -> int:
+        return bucket_size(n, self.batch_buckets)
+
+    def _patches(self, n: int) -> int:
+        return 0 if n == 0 else bucket_size(n, self.patch_buckets)
+
+    def _chunk_rows(self, length: int) -> int:
+        """Rows per chunk for sequences padded to ``length`` tokens."""
+        rows = self.batch_size
+        if self.max_batch_tokens is not None:
+            rows = max(1, min(rows, self.max_batch_tokens // max(length, 1)))
+            rows = max([b for b in self.batch_buckets if b <= rows] or [1])
+        return rows
+
+    def _layout(self, grid: np.ndarray | None, pad_to: int) -> dict[str, np.ndarray]:
+        key = (None if grid is None else tuple(map(tuple, np.asarray(grid).tolist())), pad_to)
+        lay = self._layouts.get(key)
+        if lay is None:
+            v = self.config.vision
+            g = np.zeros((0, 3), np.int64) if grid is None else grid
+            lay = rope.vision_layout(g, merge=v.spatial_merge_size, window_size=v.window_size,
+                                     patch_size=v.patch_size, pad_to=pad_to).as_dict()
+            if len(self._layouts) > 4096:
+                self._layouts.clear()
+            self._layouts[key] = lay
+        return lay
+
+    def _pack(self, seqs: Sequence[TokenSequence | None], rows: int, length: int, patches: int) -> dict:
+        """Right-pad sequences into a (rows, length) batch (None / missing rows: dummy rows)."""
+        ids = np.zeros((rows, length), np.int32)
+        pos = np.zeros((3, rows, length), np.int32)
+        seg = np.zeros((rows, length), np.int32)
+        batch = {"input_ids": ids, "position_ids": pos, "segment_ids": seg}
+        if patches:
+            pv = np.zeros((rows, patches, self.patch_dim), np.float32)
+            lays = []
+        for i in range(rows):
+            s = seqs[i] if i < len(seqs) else None
+            if s is not None:
+                n = len(s)
+                ids[i, :n], pos[:, i, :n], seg[i, :n] = s.input_ids, s.position_ids, 1
+            if patches:
+                if s is not None and s.pixel_values is not None:
+                    pv[i, : s.num_patches] = s.pixel_values
+                    lays.append(self._layout(s.image_grid_thw, patches))
+                else:
+                    lays.append(self._layout(None, patches))
+        if patches:
+            batch["pixel_values"] = pv
+            for k in LAYOUT_KEYS:
+                batch[k] = np.stack([lay[k] for lay in lays])
+        return batch
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def score_sequences(self, seqs: Sequence[TokenSequence]) -> list[np.ndarray]:
+        """P(correct) at each sequence's ``label_positions`` (float32 arrays), whole sequences, batched."""
+        seqs = list(seqs)
+        if not seqs:
+            return []
+        # Group by (has image, patch bucket) and sort by length, so each chunk pads little.
+        order = sorted(range(len(seqs)), key=lambda i: (self._patches(seqs[i].num_patches), len(seqs[i])))
+        pending = []
+        i = 0
+        while i < len(order):
+            first = seqs[order[i]]
+            pb = self._patches(first.num_patches)
+            rows = self._chunk_rows(bucket_size(len(first), self.length_buckets))
+            chunk = []
+            while i < len(order) and len(chunk) < rows and self._patches(seqs[order[i]].num_patches) == pb:
+                cand = chunk + [order[i]]
+                lb = bucket_size(max(len(seqs[j]) for j in cand), self.length_buckets)
+                if len(chunk) and len(cand) > self._chunk_rows(lb):
+                    break
+                chunk = cand
+                i += 1
+            lb = bucket_size(max(len(seqs[j]) for j in chunk), self.length_buckets)
+            batch = self._pack([seqs[j] for j in chunk], self._rows(len(chunk)), lb, pb)
+            pending.append((chunk, self._fns.full(self.state, batch)))  # async dispatch
+        out: list[np.ndarray | None] = [None] * len(seqs)
+        for chunk, probs in pending:
+            probs = np.asarray(probs)
+            for r, j in enumerate(chunk):
+                out[j] = probs[r, seqs[j].label_positions].astype(np.float32)
+        return out  # type: ignore[return-value]
+
+    def score_shared(self, prefix: TokenSequence, suffixes: Sequence[TokenSequence]) -> list[np.ndarray]:
+        """Continuations of one shared prefix: the prefix (with its images) runs once, the suffixes
+        (text only, positions already offset) run in batches on its K/V cache. ``label_positions`` of
+        the suffixes index the suffix tokens."""
+        suffixes = list(suffixes)
+        if not suffixes:
+            return []
+        for s in suffixes:
+            if s.pixel_values is not None:
+                raise ValueError("suffixes of a shared prefix cannot carry images; put them in the prefix")
+        plen = bucket_size(len(prefix), self.prefix_buckets)
+        pb = self._patches(prefix.num_patches)
+        kv = self._fns.prefix(self.state, self._pack([prefix], 1, plen, pb))
+        past_seg = np.zeros((1, plen), np.int32)
+        past_seg[0, : len(prefix)] = 1
+        order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
+        pending = []
+        i = 0
+        while i < len(order):
+            chunk = []
+            while i < len(order):
+                cand = chunk + [order[i]]
+                lb = bucket_size(max(len(suffixes[j]) for j in cand), self.suffix_buckets)
+                if len(cand) > self._chunk_rows(lb + plen) and chunk:
+                    break
+                chunk = cand
+                i += 1
+                if len(chunk) >= self.batch_size:
+                    break
+            lb = bucket_size(max(len(suffixes[j]) for j in chunk), self.suffix_buckets)
+            batch = self._pack([suffixes[j] for j in chunk], self._rows(len(chunk)), lb, 0)
+            pending.append((chunk, self._fns.suffix(self.state, kv, past_seg, batch)))
+        out: list[np.ndarray | None] = [None] * len(suffixes)
+        for chunk, probs in pending:
+            probs = np.asarray(probs)
+            for r, j in enumerate(chunk):
+                out[j] = probs[r, suffixes[j].label_positions].astype(np.float32)
+        return out  # type: ignore[return-value]
+
+    # -- warm-up ---------------------------------------------------------------------------------
+    def warmup(self, *, batch_sizes: Sequence[int] | None = None, lengths: Sequence[int] | None = None,
+               patches: Sequence[int] | None = None, prefix_lengths: Sequence[int] | None = None,
+               suffix_lengths: Sequence[int] | None = None, full: bool = True, shared: bool = True,
+               text_only: bool = True) -> int:
+        """Compile (by running dummy batches) every bucket combination, or the given subsets:
+        ``full``: batch_sizes x lengths x (0 + patches); ``shared``: prefix_lengths x (0 + patches)
+        and batch_sizes x suffix_lengths x prefix_lengths. Values are rounded to their buckets; 0
+        patches (the text-only variant) is included when ``text_only``. Returns the number of new
+        compilations. Dummy batches are run (an AOT ``lower().compile()`` would not fill jit's cache).
+
+        With the default buckets the full product is large (hundreds of programs); for a real model
+        warm up what the workload needs, e.g. ``warmup(batch_sizes=[8], lengths=[1024, 2048],
+        patches=[1024], prefix_lengths=[768], suffix_lengths=[256, 512], text_only=False)``."""
+        before = self.num_compiles
+        bs = sorted({self._rows(b) for b in (batch_sizes or self.batch_buckets)})
+        ls = sorted({bucket_size(n, self.length_buckets) for n in (lengths or self.length_buckets)})
+        ps = sorted(({0} if text_only else set()) | {self._patches(p) for p in (self.patch_buckets if patches is None
+                                                                                   else patches) if p})
+        if not ps:
+            raise ValueError("nothing to warm up: no patch buckets and text_only=False")
+        pls = sorted({bucket_size(n, self.prefix_buckets) for n in (prefix_lengths or self.prefix_buckets)})
+        sls = sorted({bucket_size(n, self.suffix_buckets) for n in (suffix_lengths or self.suffix_buckets)})
+        outs = []
+        if full:
+            for p in ps:
+                for n in ls:
+                    for b in bs:
+                        outs.append(self._fns.full(self.state, self._pack([], b, n, p)))
+        if shared:
+            for pl in pls:
+                kv = None
+                for p in ps:
+                    kv = self._fns.prefix(self.state, self._pack([], 1, pl, p))
+                past_seg = np.zeros((1, pl), np.int32)
+                for n in sls:
+                    for b in bs:
+                        outs.append(self._fns.suffix(self.state, kv, past_seg, self._pack([], b, n, 0)))
+        jax.block_until_ready(outs)
+        return self.num_compiles - before
+
+
+# ------------------------------------------------------------------------------------------------
+# PRM: prompts, images, positions
+# ------------------------------------------------------------------------------------------------
+def _is_single_image(x) -> bool:
+    from PIL import Image
+
+    return isinstance(x, (Image.Image, bytes, bytearray, memoryview, str, os.PathLike)) or (
+        isinstance(x, np.ndarray) and x.dtype != object and x.ndim in (2, 3)) or (
+        hasattr(x, "numpy") and callable(getattr(x, "numpy")))
+
+
+def _check_question_steps(question, steps, where: str = "") -> list[str]:
+    pre = f"{where}: " if where else ""
+    if not isinstance(question, str):
+        raise TypeError(f"{pre}question must be a string, got {type(question).__name__}")
+    if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
+        raise TypeError(f"{pre}steps must be a list of strings, got {type(steps).__name__}")
+    steps = list(steps)
+    if not steps:
+        raise ValueError(f"{pre}steps must not be empty")
+    for i, s in enumerate(steps):
+        if not isinstance(s, str):
+            raise TypeError(f"{pre}steps[{i}] must be a string, got {type(s).__name__}")
+    return steps
+
+
+@dataclasses.dataclass
+class _Encoded:
+    input_ids: np.ndarray  # (L,)
+    position_ids: np.ndarray  # (3, L)
+    label_positions: np.ndarray  # (kept,)
+    n_steps: int
+    pixel_values: np.ndarray | None
+    grid: np.ndarray | None
+
+
+class PRM:
+    """A process reward model ready to score: ``score``, ``score_batch``, ``score_candidates``.
+
+    ``image``: a PIL image, encoded bytes, a path, a uint8 (H, W[, C]) array, a list of those (several
+    images, in order), or None (text only). Scores are P(step correct) (softmax over the "+"/"-"
+    logits), float32, one per step. ``max_length`` (optional) drops whole trailing steps that do not
+    fit; their scores are NaN. Other keyword arguments configure the ``Scorer`` (buckets, batch size).
+    """
+
+    def __init__(self, model: PRMModel, tokenizer, image_processor: ImageProcessor | None = None, *,
+                 system_prompt: str | None = None, max_length: int | None = None, **scorer_kwargs):
+        if not isinstance(model, PRMModel):
+            raise TypeError(f"PRM needs a jaxprm.models.prm.PRMModel, got {type(model).__name__}")
+        self.model, self.tokenizer = model, tokenizer
+        cfg = model.backbone.config
+        self.config = cfg
+        self.image_processor = image_processor or ImageProcessor(
+            patch_size=cfg.vision.patch_size, temporal_patch_size=cfg.vision.temporal_patch_size,
+            merge_size=cfg.vision.spatial_merge_size)
+        if self.image_processor.merge_size != cfg.vision.spatial_merge_size or \
+                self.image_processor.patch_size != cfg.vision.patch_size:
+            raise ValueError(f"{self.image_processor!r} does not match the model's vision config "
+                             f"(patch {cfg.vision.patch_size}, merge {cfg.vision.spatial_merge_size})")
+        self.system_prompt = system_prompt or model.spec.system_prompt or PRM_SYSTEM_PROMPT
+        self.max_length = max_length
+        self.scorer = Scorer(model, **scorer_kwargs)
+
+    @property
+    def spec(self):
+        return self.model.spec
+
+    def __repr__(self) -> str:
+        t = self.config.text
+        return (f"PRM(layers={t.num_hidden_layers}, hidden={t.hidden_size}, head={self.spec.head!r}, "
+                f"dtype={jnp.dtype(self.model.backbone.dtype).name})")
+
+    # -- host-side encoding ----------------------------------------------------------------------
+    def _images(self, image) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if image is None:
+            return None, None
+        images = [image] if _is_single_image(image) else image
+        if isinstance(images, dict) or not isinstance(images, Sequence):
+            raise TypeError(f"image must be a PIL image, bytes, a path, a uint8 array, a list of those or None; "
+                            f"got {type(image).__name__}")
+        images = list(images)
+        if not images:
+            return None, None
+        out = self.image_processor(images)
+        return out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
+
+    def _encode(self, pv, grid, question: str, steps: list[str]) -> _Encoded:
+        cfg = self.config
+        enc = encode_prm_example(self.tokenizer, question, steps, image_grid_thw=grid,
+                                 merge_size=cfg.vision.spatial_merge_size, max_length=self.max_length,
+                                 mode="score", system_prompt=self.system_prompt)
+        ids = enc.input_ids.astype(np.int32)
+        pos, _ = rope.get_rope_index(ids[None], image_token_id=cfg.image_token_id,
+                                     video_token_id=cfg.video_token_id,
+                                     spatial_merge_size=cfg.vision.spatial_merge_size, image_grid_thw=grid,
+                                     tokens_per_second=cfg.tokens_per_second)
+        return _Encoded(ids, pos[:, 0].astype(np.int32), enc.label_positions.astype(np.int64), len(steps), pv, grid)
+
+    @staticmethod
+    def _expand(e: _Encoded, probs: np.ndarray) -> np.ndarray:
+        out = np.full((e.n_steps,), np.nan, np.float32)
+        out[: len(probs)] = probs
+        return out
+
+    # -- public API ------------------------------------------------------------------------------
+    def score(self, image, question: str, steps: Sequence[str]) -> np.ndarray:
+        """Per-step P(correct), float32 of shape (len(steps),)."""
+        return self.score_batch([(image, question, steps)])[0]
+
+    def score_batch(self, items) -> list[np.ndarray]:
+        """``items``: a list of (image, question, steps); returns one score array per item."""
+        if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+            raise TypeError(f"items must be a list of (image, question, steps) tuples, got {type(items).__name__}")
+        encoded = []
+        for n, item in enumerate(items):
+            if not isinstance(item, (tuple, list)) or len(item) != 3:
+                raise TypeError(f"items[{n}] must be an (image, question, steps) tuple, got {type(item).__name__}"
+                                + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""))
+            image, question, steps = item
+            steps = _check_question_steps(question, steps, f"items[{n}]")
+            pv, grid = self._images(image)
+            encoded.append(self._encode(pv, grid, question, steps))
+        seqs = [TokenSequence(e.input_ids, e.position_ids, e.label_positions, e.pixel_values, e.grid) for e in encoded]
+        probs = self.scorer.score_sequences(seqs)
+        return [self._expand(e, p) for e, p in zip(encoded, probs)]
+
+    def score_candidates(self, image, question: str, candidates: Sequence[Sequence[str]], *,
+                         share_prefix: bool = True) -> list[np.ndarray]:
+        """Score N candidate solutions (each a list of steps) of one problem. The shared prompt prefix
+        (system turn, image(s), question) is encoded and run once; each candidate's tokens follow it."""
+        if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence):
+            raise TypeError(f"candidates must be a list of step lists, got {type(candidates).__name__}")
+        if not candidates:
+            return []
+        cand_steps = [_check_question_steps(question, c, f"candidates[{i}]") for i, c in enumerate(candidates)]
+        pv, grid = self._images(image)
+        encoded = [self._encode(pv, grid, question, s) for s in cand_steps]
+        cut = self.shared_prefix_length(encoded) if share_prefix else 0
+        if cut <= 0:
+            seqs = [TokenSequence(e.input_ids, e.position_ids, e.label_positions, e.pixel_values, e.grid)
+                    for e in encoded]
+            probs = self.scorer.score_sequences(seqs)
+        else:
+            e0 = encoded[0]
+            prefix = TokenSequence(e0.input_ids[:cut], e0.position_ids[:, :cut], [], e0.pixel_values, e0.grid)
+            suffixes = [TokenSequence(e.input_ids[cut:], e.position_ids[:, cut:], e.label_positions - cut)
+                        for e in encoded]
+            probs = self.scorer.score_shared(prefix, suffixes)
+        return [self._expand(e, p) for e, p in zip(encoded, probs)]
+
+    def shared_prefix_length(self, encoded: Sequence[_Encoded]) -> int:
+        """Tokens the encodings share, verified: the longest common prefix of the token ids (and
+        positions), cut before the first label position of every candidate; 0 if an image token would
+        fall after the cut (then nothing is shared)."""
+        first = encoded[0]
+        cut = min(int(e.label_positions[0]) if len(e.label_positions) else len(e.input_ids) for e in encoded)
+        for e in encoded[1:]:
+            n = min(cut, len(e.input_ids), len(first.input_ids))
+            diff = np.flatnonzero(e.input_ids[:n] != first.input_ids[:n])
+            cut = int(diff[0]) if len(diff) else n
+        if cut <= 0:
+            return 0
+        for e in encoded:
+            if not np.array_equal(e.position_ids[:, :cut], first.position_ids[:, :cut]):  # pragma: no cover
+                raise RuntimeError("candidates share tokens but not positions; this is a bug")
+            if np.any(e.input_ids[cut:] == self.config.image_token_id):
+                return 0
+        return cut
+
+    def warmup(self, **kwargs) -> int:
+        """Compile the scorer's buckets ahead of time (see ``Scorer.warmup``); returns new compilations."""
+        return self.scorer.warmup(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------------
+def _resolve_dtype(dtype):
+    if isinstance(dtype, str):
+        names = {"float32": jnp.float32, "fp32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16,
+                 "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16, "f16": jnp.float16}
+        if dtype.lower() not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or a jnp dtype")
+        return names[dtype.lower()]
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be a string or a jnp dtype, got {dtype!r}") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"dtype must be a floating type, got {dt}")
+    return dt.type
+
+
+def load_prm(path, dtype="float32", step: int | None = None, *, attn_impl: str = "auto",
+             system_prompt: str | None = None, max_length: int | None = None, **scorer_kwargs) -> PRM:
+    """A ``PRM`` from a jaxprm training workdir (latest Orbax step, or ``step``), an exported PRM, or an
+    HF Qwen2.5-VL directory (e.g. a released VL-PRM checkpoint; "+"/"-" rows of the lm head).
+
+    ``dtype``: "float32" / "bfloat16" / a jnp dtype (compute and storage). Other keyword arguments
+    go to ``PRM`` / ``Scorer`` (``batch_size``, ``length_buckets``, ``patch_buckets``, ...).
+    """
+    from jaxprm.checkpointing import load_prm_model
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a directory path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such PRM directory: {path!r}")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is not a directory: expected a jaxprm workdir, an exported PRM or an "
+                                "HF Qwen2.5-VL directory")
+    model, tok, ip = load_prm_model(path, dtype=_resolve_dtype(dtype), step=step, attn_impl=attn_impl)
+    return PRM(model, tok, ip, system_prompt=system_prompt, max_length=max_length, **scorer_kwargs)
