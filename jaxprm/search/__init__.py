@@ -1,0 +1,30 @@
+"""Test-time scaling with a PRM: scoring, aggregation, best-of-N, guided greedy search, policies.
+
+    from jaxprm.search import best_of_n, guided_greedy_search
+    best = best_of_n(prm, image, question, candidates, aggregate="mean")
+
+Names are imported lazily (the sampler and scorer pull in JAX; the rest does not).
+"""
+import importlib
+
+_LAZY = {
+    **{n: ".search" for n in ("best_of_n", "guided_greedy_search", "SearchResult", "score_candidates", "score_orm",
+                              "aggregate_scores", "AGGREGATE_CHOICES")},
+    **{n: ".policy" for n in ("Policy", "JaxPolicy", "OpenAIPolicy", "ScriptedPolicy", "DEFAULT_INSTRUCTION",
+                              "format_question")},
+    **{n: ".steps" for n in ("split_steps", "split_steps_with_kinds", "join_steps", "clean_step", "has_answer",
+                             "extract_final_answer")},
+    **{n: ".sampler" for n in ("Sampler", "Generation", "sample_logits", "apply_top_k", "apply_top_p")},
+    "AGGREGATIONS": ".aggregate",  # (the function `aggregate` stays in jaxprm.search.aggregate: same name as the module)
+    **{n: ".scorer" for n in ("PRM", "Scorer", "load_prm")},
+    "OpenAIChatClient": ".openai_client",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value

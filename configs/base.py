@@ -1,0 +1,74 @@
+"""Defaults shared by every training config; each field is checked in jaxprm.train.validate_config."""
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/default"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.init = "hf"  # "hf": weights from model.hf_dir; "random": random init of model.preset
+    c.model.hf_dir = ""  # HF Qwen2.5-VL directory (config.json, safetensors, tokenizer, preprocessor_config.json)
+    c.model.preset = ""  # "tiny" (embedded task), "qwen2.5-vl-3b", "qwen2.5-vl-7b" (random init only)
+    c.model.dtype = "bfloat16"  # compute dtype
+    c.model.param_dtype = "float32"  # master weights
+    c.model.attn_impl = "auto"  # auto | xla | cudnn | splash
+    c.model.remat = "none"  # none | full | dots | dots_no_batch | save_out
+    c.model.freeze_vision = False
+    c.model.head = "lm_rows"  # lm_rows ("+"/"-" rows of the lm head) | linear
+    c.model.seed = 0
+    c.model.system_prompt = ""  # "": the VL-PRM system prompt (jaxprm.data.prompt.PRM_SYSTEM_PROMPT)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "tfds"  # synthetic | records | tfds
+    c.data.data_dir = ""  # TFDS data_dir (source=tfds); default for the others: {workdir}/data
+    c.data.records = ""  # source=records: file(s)/dir read with jaxprm.data.formats.read_records
+    c.data.format = "jsonl"  # source=records: jsonl | vlprm300k | vlprm300k_train | visualprm400k | ...
+    c.data.label_rule = ""  # source=records: relabel with mc | judge | hybrid ("" keeps the file's labels)
+    c.data.image_root = ""
+    c.data.val_fraction = 0.02  # source=records: held-out share (by record id hash)
+    c.data.synthetic_train = 2000  # source=synthetic: number of generated puzzles
+    c.data.synthetic_eval = 200
+    c.data.synthetic_image_size = 112
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.seq_buckets = (1024, 2048)
+    c.data.patch_buckets = (1024, 4096)
+    c.data.max_steps = 32  # label slots per row
+    c.data.max_images = 4
+    c.data.packing = False
+    c.data.worker_count = 0
+    c.data.min_pixels = 0  # 0: the image processor's own setting
+    c.data.max_pixels = 0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-5
+    c.optim.schedule = "cosine"
+    c.optim.warmup_ratio = 0.05
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 1e-4
+    c.optim.clip = 1.0
+    c.optim.mu_dtype = "float32"  # "bfloat16": first moment in bf16
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 64  # global rows per optimizer step
+    c.train.grad_accum = 1  # micro-batches per step (scan)
+    c.train.epochs = 2
+    c.train.max_steps = 0  # > 0: stop after this many steps (the schedule still spans the epochs)
+    c.train.class_weights = (1.0, 1.0)  # weight of "+" and "-" steps in the loss
+    c.train.log_every = 10
+    c.train.eval_every = 200
+    c.train.eval_batches = 0  # 0: the whole eval split
+    c.train.save_every = 200
+    c.train.keep_checkpoints = 3
+    c.train.async_checkpoint = True
+    c.train.export = True  # write {workdir}/export (HF format + prm.json) at the end
+    c.train.progress = True
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    return c

@@ -1,0 +1,800 @@
+"""Grain input pipeline: TFDS ArrayRecord records -> fixed-shape PRM training batches.
+
+    loader = make_loader(data_dir, "train", tokenizer, ImageProcessor(), model_config,
+                         PipelineConfig(batch_size=8, seq_buckets=(1024, 2048), patch_buckets=(1024, 4096)))
+    it = iter(loader)                 # a grain DatasetIterator
+    batch = next(it)                  # dict of numpy arrays, see "Batch format"
+    state = it.get_state()            # JSON-able dict; it.set_state(state) resumes exactly here
+    it.stats                          # LoaderStats: batches, examples, skips by reason, ...
+
+Pipeline (Grain's dataset API, ``grain.MapDataset`` -> ``grain.IterDataset``)::
+
+    MapDataset.range(num_records)[shard_index::shard_count]     per-host slice (disjoint, covering)
+      .shuffle(seed)                                             global shuffle, reseeded per epoch
+      .repeat(num_epochs)                                        None = forever
+      .map(ExampleTransform)         read record i from the data source (TFDS ArrayRecord), decode images
+                                     (Pillow) -> ImageProcessor -> encode_prm_example -> get_rope_index;
+                                     a bad record becomes a small "skip" marker, never an exception
+      .to_iter_dataset(ReadOptions(num_threads, prefetch_buffer_size))
+    -> BatchIterDataset              pad (or pack) examples into rows of a fixed-shape bucket, build the
+                                     per-row vision layout; skip markers are collected into the batch's
+                                     private "_report" entry
+    -> .mp_prefetch(worker_count)    optional: worker processes each run everything above on a slice
+    -> PrmLoader (this module)       main process: pops "_report", logs one line per skipped record,
+                                     keeps the counters (``iterator.stats``), returns the batch
+
+Batch format (B = ``batch_size`` rows per host; L, P = the batch's bucket; S = ``max_steps``;
+I = ``max_images``; K = examples per row: ``max_examples_per_row`` when packing, else 1;
+U = ``spatial_merge_size ** 2``; D = 3 * temporal_patch * patch**2 = 1176 for Qwen2.5-VL)::
+
+    input_ids          (B, L)      int32   token ids; padding = pad_token_id
+    segment_ids        (B, L)      int32   0 = padding, k = k-th example of the row (1-based)
+    position_ids       (3, B, L)   int32   M-RoPE (t, h, w) positions, restarting at 0 for each
+                                           example (= rope.get_rope_index of the example alone); 0 on padding
+    label_positions    (B, S)      int32   index whose next-token logits predict the step's "+"/"-"
+                                           (input_ids[label_positions + 1] is the label token); 0 on padding
+    labels             (B, S)      int32   1 = "+", 0 = "-", -1 = unsupervised step or padding slot
+    label_segment_ids  (B, S)      int32   segment of the example each label slot belongs to; 0 = padding
+    pixel_values       (B, P, D)   float32 (or bfloat16: ``pixel_dtype``) patches of the row's images in
+                                           image order (examples in row order), zero padding after
+    window_index       (B, P/U)    int32   \\
+    reverse_index      (B, P/U)    int32    | rope.vision_layout(grids of the row, pad_to=P): images stay
+    window_segment_ids (B, P)      int32    | separate (window/full segments per image), padding patches
+    full_segment_ids   (B, P)      int32    | are segment -1
+    rotary_positions   (B, P, 2)   int32   /
+    image_grid_thw     (B, I, 3)   int32   grids of the row's images in order, zero rows after
+    num_images         (B,)        int32   images in the row
+    num_patches        (B,)        int32   real patches in the row (= sum of t*h*w)
+    num_tokens         (B,)        int32   real tokens in the row
+    num_examples       (B,)        int32   examples in the row (0 = a padding row)
+    record_index       (B, K)      int32   index of each example's record in the split; -1 = none
+
+The model takes a batch as it is: ``Qwen25VL.hidden_states(input_ids, position_ids, segment_ids,
+pixel_values, {k: batch[k] for k in LAYOUT_KEYS})`` runs the vision tower per row (vmap over B) and
+scatters each row's image features onto that row's image tokens (``PRMModel.step_logits(batch)``).
+Every key has the batch on axis 0 except ``position_ids`` (axis 1).
+
+Buckets: every batch takes the smallest ``seq_buckets`` length L that holds its longest row and the
+smallest ``patch_buckets`` size P that holds its largest row's patches, so at most
+``len(seq_buckets) * len(patch_buckets)`` shapes reach the device (``bucket_shapes``). Examples longer
+than ``max_length`` (default: the largest L) lose whole trailing steps (``encode_prm_example``); steps
+past ``max_steps`` are dropped the same way; both are counted (``steps_dropped``,
+``examples_truncated``). An example whose question and first step alone exceed max_length, with more
+than ``max_images`` images, or more patches than the largest P, is skipped. Multi-host: hosts choose
+buckets independently; a training loop that needs one global shape can agree on the largest bucket
+across hosts and grow the others with :func:`pad_batch`, or configure a single bucket.
+
+Skipped examples: a record that cannot be used (malformed stored record, image that does not decode
+or preprocess, prompt too long, too many images/patches, or any other exception in the transform) is
+never raised inside a worker. It travels as a marker to the batcher, which attaches
+``(record_index, record id, reason)`` to the next batch it emits (or to a stats-only element at the
+end of the data); the main-process iterator logs one ``logging.warning`` per skipped record naming
+its id and reason and adds it to ``iterator.stats`` (``num_skipped``, ``skipped_by_reason``,
+``recent_skips``). Because the report rides with the batches, the counts are exact for every
+``worker_count`` (0 or more) and always describe exactly the batches consumed so far; they are part of
+the iterator state, so they survive a checkpoint/restore. (The log lines are written by the main
+process when the batch carrying them is consumed, not when the worker hit the record.)
+
+Iterator state: ``iter(loader)`` is a ``grain.DatasetIterator``; ``get_state()`` returns a JSON-able
+dict (Grain's pipeline state + the stats), ``set_state()`` restores it into a fresh iterator of a
+loader built with the same arguments (same data, seed, shard, config, worker_count): the following
+batches are exactly those an uninterrupted run would have produced -- no record repeated or
+skipped. A packed batch that left one example over for the next batch stores the upstream state from
+before that example, which is replayed on restore. Save it in Orbax checkpoints as JSON
+(``ocp.args.JsonSave(it.get_state())``), with Grain's handler (``grain.checkpoint.CheckpointSave(it)``
+/ ``CheckpointRestore(it)``, which writes ``process_{i}-of-{n}.json`` per host), or via the
+iterator's own ``save``/``load`` (Orbax v1 ``StatefulCheckpointable``).
+
+Order: deterministic in (seed, shard, worker_count). With ``worker_count > 0`` each worker batches its
+own slice (round robin), so the batches differ from ``worker_count=0`` (still deterministic);
+restore with the same worker_count. ``num_threads`` does not change the order.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from jaxprm.data.prompt import PRM_SYSTEM_PROMPT, POSITIVE_TOKEN, encode_prm_example
+from jaxprm.data.schema import RecordError
+from jaxprm.data.tfds_builder import DEFAULT_NAME, data_source as _tfds_data_source, example_to_record
+
+log = logging.getLogger(__name__)
+
+LAYOUT_KEYS = ("window_index", "reverse_index", "window_segment_ids", "full_segment_ids", "rotary_positions")
+REPORT_KEY = "_report"
+STATE_FORMAT = 1
+
+# Skip reasons (the part of the reason before the first ":").
+MALFORMED_RECORD = "malformed_record"
+UNREADABLE_RECORD = "unreadable_record"
+CORRUPT_IMAGE = "corrupt_image"
+TOO_MANY_IMAGES = "too_many_images"
+TOO_MANY_PATCHES = "too_many_patches"
+PROMPT_TOO_LONG = "prompt_too_long"
+BAD_PROMPT = "bad_prompt"
+UNEXPECTED_ERROR = "error"
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    batch_size: int = 8  # rows per host
+    seq_buckets: tuple[int, ...] = (1024, 2048, 4096)  # L choices (tokens per row)
+    # P choices (vision patches per row); 5120 = one image at ImageProcessor's default max_pixels
+    patch_buckets: tuple[int, ...] = (1024, 2048, 5120)
+    max_steps: int = 32  # S: label slots per row (an example's steps beyond it are dropped)
+    max_images: int = 4  # I: image slots per row (an example with more is skipped)
+    max_length: int | None = None  # token cap per example (default and upper bound: max(seq_buckets))
+    packing: bool = False  # pack several examples per row (segment ids 1..k)
+    max_examples_per_row: int = 8  # K when packing
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = 1  # None: repeat forever
+    drop_remainder: bool = True  # False: the last short batch is padded with empty rows
+    worker_count: int = 0  # Grain worker processes (mp_prefetch); 0 = in this process
+    worker_buffer_size: int = 2  # batches buffered per worker
+    num_threads: int = 2  # threads running the per-example transform (0 = inline)
+    prefetch_buffer_size: int = 16  # examples prefetched by those threads
+    label_mode: str = "train"  # "train": true labels in the assistant turns; "score": placeholders
+    placeholder: str = POSITIVE_TOKEN  # assistant turn of unlabelled steps (train) / all steps (score)
+    system_prompt: str = PRM_SYSTEM_PROMPT
+    pixel_dtype: str = "float32"  # or "bfloat16"
+    pad_token_id: int | None = None  # default: tokenizer.pad_token_id, else 0
+    shard_index: int | None = None  # default: jax.process_index()
+    shard_count: int | None = None  # default: jax.process_count()
+
+    @property
+    def examples_per_row(self) -> int:
+        return int(self.max_examples_per_row) if self.packing else 1
+
+    @property
+    def effective_max_length(self) -> int:
+        top = max(self.seq_buckets)
+        return top if self.max_length is None else min(int(self.max_length), top)
+
+    def validate(self, merge_size: int = 2) -> "PipelineConfig":
+        def pos_int(name, v):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"PipelineConfig.{name} must be a positive int, got {v!r}")
+
+        for name in ("batch_size", "max_steps", "max_images", "max_examples_per_row"):
+            pos_int(name, getattr(self, name))
+        for name in ("seq_buckets", "patch_buckets"):
+            b = tuple(getattr(self, name))
+            if not b:
+                raise ValueError(f"PipelineConfig.{name} must not be empty")
+            for v in b:
+                pos_int(name, v)
+            if list(b) != sorted(set(b)):
+                raise ValueError(f"PipelineConfig.{name} must be strictly increasing, got {b}")
+        unit = merge_size**2
+        bad = [p for p in self.patch_buckets if p % unit]
+        if bad:
+            raise ValueError(f"patch_buckets must be multiples of spatial_merge_size**2={unit}, got {bad}")
+        if self.max_length is not None:
+            pos_int("max_length", self.max_length)
+        if self.num_epochs is not None:
+            pos_int("num_epochs", self.num_epochs)
+        for name in ("worker_count", "num_threads", "prefetch_buffer_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"PipelineConfig.{name} must be an int >= 0, got {v!r}")
+        pos_int("worker_buffer_size", self.worker_buffer_size)
+        if self.label_mode not in ("train", "score"):
+            raise ValueError(f"label_mode must be 'train' or 'score', got {self.label_mode!r}")
+        if self.pixel_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"pixel_dtype must be 'float32' or 'bfloat16', got {self.pixel_dtype!r}")
+        if not 0 <= int(self.seed) < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if (self.shard_index is None) != (self.shard_count is None):
+            raise ValueError("give shard_index and shard_count together (or neither)")
+        if self.shard_count is not None and not 0 <= self.shard_index < self.shard_count:
+            raise ValueError(f"need 0 <= shard_index < shard_count, got {self.shard_index}, {self.shard_count}")
+        return self
+
+
+def _pixel_np_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(np.float32)
+
+
+def bucket_shapes(cfg: PipelineConfig) -> list[tuple[int, int]]:
+    """Every (L, P) a batch can have."""
+    return [(int(l), int(p)) for l in cfg.seq_buckets for p in cfg.patch_buckets]
+
+
+def batch_spec(cfg: PipelineConfig, model_config, seq_len: int, num_patches: int) -> dict[str, tuple[tuple, Any]]:
+    """``{key: (shape, dtype)}`` of a batch in bucket (seq_len, num_patches) (for AOT compilation)."""
+    v = model_config.vision
+    unit = v.spatial_merge_size**2
+    b, s, i, k = cfg.batch_size, cfg.max_steps, cfg.max_images, cfg.examples_per_row
+    l, p, d = int(seq_len), int(num_patches), v.patch_dim
+    i32 = np.dtype(np.int32)
+    return {
+        "input_ids": ((b, l), i32), "segment_ids": ((b, l), i32), "position_ids": ((3, b, l), i32),
+        "label_positions": ((b, s), i32), "labels": ((b, s), i32), "label_segment_ids": ((b, s), i32),
+        "pixel_values": ((b, p, d), _pixel_np_dtype(cfg.pixel_dtype)),
+        "window_index": ((b, p // unit), i32), "reverse_index": ((b, p // unit), i32),
+        "window_segment_ids": ((b, p), i32), "full_segment_ids": ((b, p), i32),
+        "rotary_positions": ((b, p, 2), i32), "image_grid_thw": ((b, i, 3), i32),
+        "num_images": ((b,), i32), "num_patches": ((b,), i32), "num_tokens": ((b,), i32),
+        "num_examples": ((b,), i32), "record_index": ((b, k), i32),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-example transform (runs in Grain threads / worker processes; never raises)
+# ------------------------------------------------------------------------------------------------
+def _skip(index: int, rid: str, kind: str, detail: str) -> dict:
+    detail = " ".join(str(detail).split())
+    if len(detail) > 300:
+        detail = detail[:297] + "..."
+    return {"skip": (int(index), str(rid), f"{kind}: {detail}")}
+
+
+def _record_id(raw: Any) -> str:
+    try:
+        v = raw["id"]
+        return bytes(v).decode("utf-8", "replace") if isinstance(v, (bytes, bytearray, np.bytes_)) else str(v)
+    except Exception:  # noqa: BLE001
+        return "<no id>"
+
+
+class ExampleTransform:
+    """Record index -> one tokenized, preprocessed example (dict of numpy arrays) or a skip marker."""
+
+    def __init__(self, source, tokenizer, image_processor, model_config, cfg: PipelineConfig):
+        self.source = source
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.cfg = cfg
+        v = model_config.vision
+        self.merge = int(v.spatial_merge_size)
+        self.patch_dim = int(v.patch_dim)
+        self.image_token_id = int(model_config.image_token_id)
+        self.video_token_id = int(model_config.video_token_id)
+        self.tokens_per_second = int(getattr(model_config, "tokens_per_second", 4))
+        self.max_patches = int(max(cfg.patch_buckets))
+        self.max_length = cfg.effective_max_length
+
+    def __call__(self, index) -> dict:
+        index = int(index)
+        try:
+            raw = self.source[index]
+        except Exception as e:  # noqa: BLE001
+            return _skip(index, "<unknown>", UNREADABLE_RECORD, f"{type(e).__name__}: {e}")
+        rid = _record_id(raw)
+        try:
+            return self._transform(index, rid, raw)
+        except Exception as e:  # noqa: BLE001 - never let a record crash a worker
+            return _skip(index, rid, UNEXPECTED_ERROR, f"{type(e).__name__}: {e}")
+
+    def _transform(self, index: int, rid: str, raw: Any) -> dict:
+        from jaxprm.models.qwen2_5_vl.rope import get_rope_index
+
+        cfg = self.cfg
+        try:
+            rec = example_to_record(raw)
+        except (RecordError, TypeError, ValueError, KeyError) as e:
+            return _skip(index, rid, MALFORMED_RECORD, e)
+        rid = rec.id
+        if len(rec.images) > cfg.max_images:
+            return _skip(index, rid, TOO_MANY_IMAGES, f"{len(rec.images)} images > max_images={cfg.max_images}")
+        if rec.images:
+            try:
+                vis = self.image_processor(rec.images)
+            except (ValueError, TypeError, OSError) as e:
+                return _skip(index, rid, CORRUPT_IMAGE, e)
+            pixel_values = np.asarray(vis["pixel_values"], np.float32)
+            grids = np.asarray(vis["image_grid_thw"], np.int64).reshape(-1, 3)
+        else:
+            pixel_values = np.zeros((0, self.patch_dim), np.float32)
+            grids = np.zeros((0, 3), np.int64)
+        if pixel_values.shape[1] != self.patch_dim:
+            return _skip(index, rid, CORRUPT_IMAGE, f"patch dim {pixel_values.shape[1]} != model's {self.patch_dim}")
+        if pixel_values.shape[0] > self.max_patches:
+            return _skip(index, rid, TOO_MANY_PATCHES,
+                         f"{pixel_values.shape[0]} patches > largest patch bucket {self.max_patches}")
+        steps = rec.steps[: cfg.max_steps]
+        try:
+            enc = encode_prm_example(
+                self.tokenizer, rec.question, [s.text for s in steps], [s.label for s in steps],
+                grids if len(grids) else None, merge_size=self.merge, max_length=self.max_length,
+                placeholder=cfg.placeholder, mode=cfg.label_mode, system_prompt=cfg.system_prompt,
+            )
+        except ValueError as e:
+            kind = PROMPT_TOO_LONG if "max_length=" in str(e) else BAD_PROMPT
+            return _skip(index, rid, kind, e)
+        ids = np.asarray(enc.input_ids, np.int32)
+        pos, _ = get_rope_index(
+            ids[None], image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+            spatial_merge_size=self.merge, image_grid_thw=grids if len(grids) else None,
+            tokens_per_second=self.tokens_per_second,
+        )
+        return {
+            "record_index": index,
+            "id": rid,
+            "input_ids": ids,
+            "position_ids": np.asarray(pos[:, 0], np.int32),
+            "label_positions": np.asarray(enc.label_positions, np.int32),
+            "labels": np.asarray(enc.labels, np.int32),
+            "pixel_values": pixel_values,
+            "image_grid_thw": grids.astype(np.int32),
+            "steps_dropped": int(len(rec.steps) - len(steps) + enc.num_steps_dropped),
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# Rows, buckets, batch assembly
+# ------------------------------------------------------------------------------------------------
+class _Row:
+    __slots__ = ("examples", "tokens", "patches", "steps", "images")
+
+    def __init__(self):
+        self.examples, self.tokens, self.patches, self.steps, self.images = [], 0, 0, 0, 0
+
+    def fits(self, ex: dict, cfg: PipelineConfig, max_len: int, max_patches: int) -> bool:
+        return (
+            len(self.examples) < cfg.examples_per_row
+            and self.tokens + len(ex["input_ids"]) <= max_len
+            and self.patches + len(ex["pixel_values"]) <= max_patches
+            and self.steps + len(ex["labels"]) <= cfg.max_steps
+            and self.images + len(ex["image_grid_thw"]) <= cfg.max_images
+        )
+
+    def add(self, ex: dict) -> None:
+        self.examples.append(ex)
+        self.tokens += len(ex["input_ids"])
+        self.patches += len(ex["pixel_values"])
+        self.steps += len(ex["labels"])
+        self.images += len(ex["image_grid_thw"])
+
+
+def _smallest(buckets: Sequence[int], need: int) -> int:
+    for b in buckets:
+        if b >= need:
+            return int(b)
+    raise ValueError(f"{need} exceeds the largest bucket {max(buckets)}")
+
+
+class BatchAssembler:
+    """Turns rows of examples into one fixed-shape batch (see the module docstring)."""
+
+    def __init__(self, cfg: PipelineConfig, model_config, pad_token_id: int):
+        v = model_config.vision
+        self.cfg = cfg
+        self.merge, self.window_size, self.patch_size = int(v.spatial_merge_size), int(v.window_size), int(v.patch_size)
+        self.unit = self.merge**2
+        self.patch_dim = int(v.patch_dim)
+        self.pad_token_id = int(pad_token_id)
+        self.pixel_dtype = _pixel_np_dtype(cfg.pixel_dtype)
+        self._empty_layouts: dict[int, Any] = {}
+
+    def _layout(self, grids: np.ndarray, pad_to: int):
+        from jaxprm.models.qwen2_5_vl.rope import vision_layout
+
+        if len(grids) == 0:
+            if pad_to not in self._empty_layouts:
+                self._empty_layouts[pad_to] = vision_layout(np.zeros((0, 3), np.int64), merge=self.merge,
+                                                            window_size=self.window_size,
+                                                            patch_size=self.patch_size, pad_to=pad_to)
+            return self._empty_layouts[pad_to]
+        return vision_layout(grids, merge=self.merge, window_size=self.window_size, patch_size=self.patch_size,
+                             pad_to=pad_to)
+
+    def __call__(self, rows: list[_Row]) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        b, s, i, k = cfg.batch_size, cfg.max_steps, cfg.max_images, cfg.examples_per_row
+        l = _smallest(cfg.seq_buckets, max(r.tokens for r in rows))
+        p = _smallest(cfg.patch_buckets, max(r.patches for r in rows))
+        out = {
+            "input_ids": np.full((b, l), self.pad_token_id, np.int32),
+            "segment_ids": np.zeros((b, l), np.int32),
+            "position_ids": np.zeros((3, b, l), np.int32),
+            "label_positions": np.zeros((b, s), np.int32),
+            "labels": np.full((b, s), -1, np.int32),
+            "label_segment_ids": np.zeros((b, s), np.int32),
+            "pixel_values": np.zeros((b, p, self.patch_dim), self.pixel_dtype),
+            "window_index": np.zeros((b, p // self.unit), np.int32),
+            "reverse_index": np.zeros((b, p // self.unit), np.int32),
+            "window_segment_ids": np.full((b, p), -1, np.int32),
+            "full_segment_ids": np.full((b, p), -1, np.int32),
+            "rotary_positions": np.zeros((b, p, 2), np.int32),
+            "image_grid_thw": np.zeros((b, i, 3), np.int32),
+            "num_images": np.zeros((b,), np.int32),
+            "num_patches": np.zeros((b,), np.int32),
+            "num_tokens": np.zeros((b,), np.int32),
+            "num_examples": np.zeros((b,), np.int32),
+            "record_index": np.full((b, k), -1, np.int32),
+        }
+        for r in range(b):
+            row = rows[r] if r < len(rows) else None
+            grids = []
+            if row is not None:
+                off = poff = soff = 0
+                for j, ex in enumerate(row.examples):
+                    n = len(ex["input_ids"])
+                    out["input_ids"][r, off:off + n] = ex["input_ids"]
+                    out["segment_ids"][r, off:off + n] = j + 1
+                    out["position_ids"][:, r, off:off + n] = ex["position_ids"]
+                    m = len(ex["labels"])
+                    out["label_positions"][r, soff:soff + m] = ex["label_positions"] + off
+                    out["labels"][r, soff:soff + m] = ex["labels"]
+                    out["label_segment_ids"][r, soff:soff + m] = j + 1
+                    npat = len(ex["pixel_values"])
+                    if npat:
+                        out["pixel_values"][r, poff:poff + npat] = ex["pixel_values"]
+                    grids.append(ex["image_grid_thw"])
+                    out["record_index"][r, j] = ex["record_index"]
+                    off, poff, soff = off + n, poff + npat, soff + m
+                out["num_tokens"][r] = off
+                out["num_patches"][r] = poff
+                out["num_examples"][r] = len(row.examples)
+            g = np.concatenate(grids, 0) if grids else np.zeros((0, 3), np.int32)
+            out["image_grid_thw"][r, : len(g)] = g
+            out["num_images"][r] = len(g)
+            lay = self._layout(g, p)
+            for key in LAYOUT_KEYS:
+                out[key][r] = getattr(lay, key)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The batching IterDataset (stateful, checkpointable)
+# ------------------------------------------------------------------------------------------------
+class BatchIterDataset(grain.IterDataset):
+    """Examples (and skip markers) -> fixed-shape batches; see ``BatchIterator``."""
+
+    def __init__(self, parent, cfg: PipelineConfig, assembler: BatchAssembler):
+        super().__init__(parent)
+        self._cfg, self._assembler = cfg, assembler
+
+    def __iter__(self):
+        return BatchIterator(self._parent.__iter__(), self._cfg, self._assembler)
+
+    def __str__(self) -> str:
+        return f"BatchIterDataset(batch_size={self._cfg.batch_size}, packing={self._cfg.packing})"
+
+
+class BatchIterator(grain.DatasetIterator):
+    """Pulls examples (and skip markers), fills rows first-fit, emits fixed-shape batches.
+
+    Between calls at most one example is held over (packing: the example that did not fit the
+    finished batch). Its upstream state *before* it was pulled is what ``get_state`` returns, so a
+    restore replays it; skip markers are always reported with the batch that follows them.
+    """
+
+    def __init__(self, parent, cfg: PipelineConfig, assembler: BatchAssembler):
+        super().__init__(parent)
+        self._cfg, self._assembler = cfg, assembler
+        self._max_len = cfg.effective_max_length
+        self._max_patches = int(max(cfg.patch_buckets))
+        self._reset()
+
+    def _reset(self):
+        self._rows: list[_Row] = []
+        self._held_state = None  # upstream state before the first example of self._rows
+        self._skips: list = []
+
+    def _report(self, rows: list[_Row], dropped: int = 0) -> dict:
+        """What the main process accounts for with this element: the skips pulled since the last
+        element, and the examples (with their truncation) of ``rows``. A held-over example is counted
+        with the batch it ends up in, so a restore that replays it does not count it twice."""
+        exs = [ex for r in rows for ex in r.examples]
+        rep = {"skipped": [list(s) for s in self._skips], "examples": len(exs),
+               "steps_dropped": int(sum(ex["steps_dropped"] for ex in exs)),
+               "examples_truncated": int(sum(1 for ex in exs if ex["steps_dropped"])),
+               "dropped_remainder": int(dropped)}
+        self._skips = []
+        return rep
+
+    def _emit(self, rows: list[_Row]) -> dict:
+        batch = self._assembler(rows)
+        batch[REPORT_KEY] = self._report(rows)
+        return batch
+
+    def _place(self, ex: dict) -> bool:
+        """Put ``ex`` into the open batch; False when it belongs to the next batch."""
+        cfg = self._cfg
+        if cfg.packing:
+            for row in self._rows:
+                if row.fits(ex, cfg, self._max_len, self._max_patches):
+                    row.add(ex)
+                    return True
+        if len(self._rows) < cfg.batch_size:
+            row = _Row()
+            row.add(ex)
+            self._rows.append(row)
+            return True
+        return False
+
+    def __next__(self):
+        cfg = self._cfg
+        while True:
+            before = self._parent.get_state()
+            try:
+                ex = next(self._parent)
+            except StopIteration:
+                rows, self._rows, self._held_state = self._rows, [], None
+                if rows and not cfg.drop_remainder:
+                    return self._emit(rows)
+                dropped = sum(len(r.examples) for r in rows)
+                if self._skips or dropped:
+                    return {REPORT_KEY: self._report([], dropped)}
+                raise
+            if "skip" in ex:
+                self._skips.append(tuple(ex["skip"]))
+                continue
+            if not self._rows:
+                self._held_state = copy.deepcopy(before)
+            if self._place(ex):
+                if not cfg.packing and len(self._rows) == cfg.batch_size:
+                    rows, self._rows, self._held_state = self._rows, [], None
+                    return self._emit(rows)
+                continue
+            # ``ex`` opens the next batch.
+            rows = self._rows
+            row = _Row()
+            row.add(ex)
+            self._rows, self._held_state = [row], copy.deepcopy(before)
+            return self._emit(rows)
+
+    def get_state(self) -> dict:
+        return {"parent": self._held_state if self._rows else self._parent.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._reset()
+
+    def start_prefetch(self) -> None:
+        self._parent.start_prefetch()
+
+    def __str__(self) -> str:
+        return "BatchIterator"
+
+
+# ------------------------------------------------------------------------------------------------
+# Main-process wrapper: reports, stats, state
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class LoaderStats:
+    """Counters over the batches consumed so far (exact for any worker_count; part of the state)."""
+
+    num_batches: int = 0
+    num_examples: int = 0
+    num_skipped: int = 0
+    skipped_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
+    steps_dropped: int = 0  # trailing steps removed (max_steps / max_length), over all examples
+    examples_truncated: int = 0  # examples that lost at least one step
+    dropped_remainder: int = 0  # examples in a final short batch dropped by drop_remainder
+    recent_skips: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=100))
+
+    @property
+    def skipped(self) -> int:
+        """Alias of ``num_skipped``."""
+        return self.num_skipped
+
+    def state_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("recent_skips")
+        return d
+
+    def load_state_dict(self, d: dict) -> None:
+        for k, v in d.items():
+            if k == "skipped_by_reason":
+                self.skipped_by_reason = {str(a): int(b) for a, b in v.items()}
+            elif hasattr(self, k) and k != "recent_skips":
+                setattr(self, k, int(v))
+        self.recent_skips.clear()
+
+
+class PrmIterator(grain.DatasetIterator):
+    """The loader's iterator: batches (dicts of numpy arrays), ``stats``, ``get_state``/``set_state``."""
+
+    def __init__(self, parent, loader):
+        super().__init__(parent)
+        self.loader = loader
+        self.stats = LoaderStats()
+
+    def _account(self, rep: dict | None) -> None:
+        if not rep:
+            return
+        st = self.stats
+        for idx, rid, reason in rep.get("skipped", ()):
+            kind = str(reason).split(":", 1)[0]
+            st.num_skipped += 1
+            st.skipped_by_reason[kind] = st.skipped_by_reason.get(kind, 0) + 1
+            st.recent_skips.append((int(idx), str(rid), str(reason)))
+            log.warning("pipeline: skipped record %r (split %r, index %d): %s", rid, self.loader.split, int(idx),
+                        reason)
+        st.num_examples += int(rep.get("examples", 0))
+        st.steps_dropped += int(rep.get("steps_dropped", 0))
+        st.examples_truncated += int(rep.get("examples_truncated", 0))
+        n_drop = int(rep.get("dropped_remainder", 0))
+        if n_drop:
+            st.dropped_remainder += n_drop
+            log.info("pipeline: dropped the last %d example(s) of the data (drop_remainder=True)", n_drop)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while True:
+            el = next(self._parent)
+            el = dict(el)
+            self._account(el.pop(REPORT_KEY, None))
+            if "input_ids" in el:
+                self.stats.num_batches += 1
+                return el
+
+    def get_state(self) -> dict:
+        return {"format": STATE_FORMAT, "pipeline": self._parent.get_state(), "stats": self.stats.state_dict()}
+
+    def set_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a jaxprm pipeline iterator state (format {STATE_FORMAT}): {str(state)[:200]}")
+        self._parent.set_state(state["pipeline"])
+        self.stats = LoaderStats()
+        self.stats.load_state_dict(state.get("stats") or {})
+
+    def start_prefetch(self) -> None:
+        self._parent.start_prefetch()
+
+    def __str__(self) -> str:
+        return f"PrmIterator(split={self.loader.split!r})"
+
+
+class PrmLoader(grain.IterDataset):
+    """A ``grain.IterDataset`` of PRM batches; ``iter(loader)`` -> ``PrmIterator``."""
+
+    def __init__(self, pipeline, *, cfg, split, num_records, shard_index, shard_count, model_config):
+        super().__init__(pipeline)
+        self.cfg, self.split = cfg, split
+        self.num_records, self.shard_index, self.shard_count = num_records, shard_index, shard_count
+        self.model_config = model_config
+
+    @property
+    def num_shard_records(self) -> int:
+        """Records this host reads per epoch."""
+        return len(range(self.shard_index, self.num_records, self.shard_count))
+
+    def bucket_shapes(self) -> list[tuple[int, int]]:
+        return bucket_shapes(self.cfg)
+
+    def __iter__(self):
+        return PrmIterator(self._parent.__iter__(), self)
+
+    def __str__(self) -> str:
+        return (f"PrmLoader(split={self.split!r}, records={self.num_records}, "
+                f"shard={self.shard_index}/{self.shard_count}, batch_size={self.cfg.batch_size})")
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------------
+def _process_shard(cfg: PipelineConfig) -> tuple[int, int]:
+    if cfg.shard_count is not None:
+        return int(cfg.shard_index), int(cfg.shard_count)
+    import jax
+
+    return int(jax.process_index()), int(jax.process_count())
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """Grain 0.2.18's multiprocess prefetch reads an absl flag (worker profiling) that raises
+    ``UnparsedFlagAccessError`` in programs that do not run ``absl.app`` once JAX is imported
+    (google/grain#1355, fixed after 0.2.18). Marking the flags parsed keeps their defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _check_processor(image_processor, model_config) -> None:
+    v = model_config.vision
+    for ours, theirs in (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
+                         ("temporal_patch_size", "temporal_patch_size")):
+        a, b = getattr(image_processor, ours, None), getattr(v, theirs)
+        if a is not None and int(a) != int(b):
+            raise ValueError(f"image_processor.{ours}={a} does not match model_config.vision.{theirs}={b}")
+
+
+def make_loader(
+    data,
+    split: str,
+    tokenizer,
+    image_processor,
+    model_config,
+    cfg: PipelineConfig | None = None,
+    *,
+    name: str = DEFAULT_NAME,
+    version: str | None = None,
+):
+    """A ``grain.IterDataset`` (``PrmLoader``) of fixed-shape PRM batches for one split.
+
+    data: a TFDS data_dir (holding ``{name}/{version}``), the dataset's version directory, a
+      ``BuildResult`` from ``build_dataset``, or any random-access source (``len``, ``[i]``) returning
+      the TFDS feature dicts (e.g. ``tfds.data_source(...)``).
+    image_processor: ``jaxprm.data.preprocess.ImageProcessor`` (patch/merge sizes must match the model).
+    model_config: ``Qwen25VLConfig`` (image/video token ids, merge, window and patch sizes).
+    """
+    cfg = cfg or PipelineConfig()
+    merge = int(model_config.vision.spatial_merge_size)
+    cfg.validate(merge)
+    _check_processor(image_processor, model_config)
+    if isinstance(data, (str, os.PathLike)):
+        source = _tfds_data_source(data, split, name=name, version=version)
+    else:
+        source = data
+    num_records = len(source)
+    shard_index, shard_count = _process_shard(cfg)
+    pad_id = cfg.pad_token_id
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        pad_id = 0 if pad_id is None else int(pad_id)
+    if pad_id == int(model_config.image_token_id):
+        raise ValueError("pad_token_id must not be the image token id (padding would take image features)")
+
+    ds = grain.MapDataset.range(num_records)[shard_index::shard_count]
+    if cfg.shuffle and len(ds) > 0:
+        ds = ds.shuffle(seed=int(cfg.seed))
+    if len(ds) > 0 and cfg.num_epochs != 1:
+        ds = ds.repeat(cfg.num_epochs)
+    ds = ds.map(ExampleTransform(source, tokenizer, image_processor, model_config, cfg))
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(cfg.num_threads),
+                                                 prefetch_buffer_size=int(cfg.prefetch_buffer_size)))
+    it_ds = BatchIterDataset(it_ds, cfg, BatchAssembler(cfg, model_config, pad_id))
+    if cfg.worker_count > 0:
+        _ensure_absl_flags_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg.worker_count),
+                                                               per_worker_buffer_size=int(cfg.worker_buffer_size)))
+    return PrmLoader(it_ds, cfg=cfg, split=split, num_records=num_records, shard_index=shard_index,
+                     shard_count=shard_count, model_config=model_config)
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers for consumers
+# ------------------------------------------------------------------------------------------------
+def pad_batch(batch: dict[str, np.ndarray], seq_len: int | None = None, num_patches: int | None = None,
+              merge_size: int = 2) -> dict[str, np.ndarray]:
+    """Grow a batch to a larger bucket (seq_len >= L, num_patches >= P), e.g. so that every host of a
+    multi-host job feeds the same shape. Padding follows the batch format (segment 0, label -1,
+    vision padding patches in segment -1 with the identity window order)."""
+    out = dict(batch)
+    b, l = batch["input_ids"].shape
+    p = batch["pixel_values"].shape[1]
+    seq_len = l if seq_len is None else int(seq_len)
+    num_patches = p if num_patches is None else int(num_patches)
+    if seq_len < l or num_patches < p:
+        raise ValueError(f"cannot shrink a batch from (L={l}, P={p}) to (L={seq_len}, P={num_patches})")
+    unit = merge_size**2
+    if num_patches % unit:
+        raise ValueError(f"num_patches must be a multiple of {unit}")
+    if seq_len > l:
+        dl = seq_len - l
+        pad_id = batch["input_ids"][batch["segment_ids"] == 0]
+        pad_val = int(pad_id[0]) if pad_id.size else 0
+        out["input_ids"] = np.pad(batch["input_ids"], ((0, 0), (0, dl)), constant_values=pad_val)
+        out["segment_ids"] = np.pad(batch["segment_ids"], ((0, 0), (0, dl)))
+        out["position_ids"] = np.pad(batch["position_ids"], ((0, 0), (0, 0), (0, dl)))
+    if num_patches > p:
+        dp = num_patches - p
+        m, mt = p // unit, num_patches // unit
+        out["pixel_values"] = np.pad(batch["pixel_values"], ((0, 0), (0, dp), (0, 0)))
+        out["window_segment_ids"] = np.pad(batch["window_segment_ids"], ((0, 0), (0, dp)), constant_values=-1)
+        out["full_segment_ids"] = np.pad(batch["full_segment_ids"], ((0, 0), (0, dp)), constant_values=-1)
+        out["rotary_positions"] = np.pad(batch["rotary_positions"], ((0, 0), (0, dp), (0, 0)))
+        extra = np.broadcast_to(np.arange(m, mt, dtype=np.int32), (b, mt - m))
+        out["window_index"] = np.concatenate([batch["window_index"], extra], 1).astype(np.int32)
+        out["reverse_index"] = np.argsort(out["window_index"], axis=1).astype(np.int32)
+    return out

@@ -1,0 +1,597 @@
+"""``python -m jaxprm.eval``: best-of-N curves, VisualProcessBench F1, and step F1 on synthetic puzzles.
+
+Commands::
+
+    python -m jaxprm.eval bon --prm PATH --data bench.jsonl --format mathvista \\
+        --candidates cands.jsonl --max-n 64 --aggregate mean,min,last,product,orm --out DIR
+    python -m jaxprm.eval bon ... --policy openai --base-url http://127.0.0.1:8000/v1 --model NAME
+    python -m jaxprm.eval bon ... --policy jax --policy-model HF_DIR
+    python -m jaxprm.eval vpb --prm PATH --data VisualProcessBench.jsonl --out DIR
+    python -m jaxprm.eval synthetic --prm PATH --n 200 [--out DIR]
+
+``bon``: candidates file = one JSON object per line, ``{"id": <problem id>, "candidates": [...]}``
+(``solutions`` / ``responses`` / ``samples`` are accepted too), each candidate a solution string,
+a list of step strings or ``{"text": ...}``. With ``--policy``, problems without candidates are
+sampled (``--n-samples``, default ``--max-n``) and appended to the candidates file (default
+``DIR/candidates.jsonl``) as they finish, so an interrupted run resumes and later runs reuse them.
+Each candidate's answer is extracted (``answers.extract_answer``) and checked against the gold
+answer (``answers.is_correct``); the PRM scores each candidate's steps once per problem (and the
+whole solution as one step for ``orm``). Curves for N = 1..max-n: best-of-N for each aggregation
+(exact expectation over N-subsets of all of a problem's candidates, ``bon_curve``) and the pass@N
+oracle; majority vote (``majority_curve``, estimated from ``--majority-samples`` random subsets) at
+the table's N (1, 2, 4, ..., max-n). ``bon_results.json`` holds ``curves: {name: {ns, acc}}`` and
+per-problem predictions, correctness and scores; also writes ``DIR/bon_curve.png`` and prints a table.
+
+``vpb``: scores every VisualProcessBench solution's steps and reports step macro-F1
+(``step_f1``) overall and per ``data_source``; writes ``DIR/vpb_results.json`` and
+``DIR/vpb_scores.jsonl``.
+
+``synthetic``: generates ``--n`` fresh embedded puzzles (``jaxprm.data.synthetic``; the default
+seed differs from the training data's) with known step labels and reports step macro-F1 overall,
+per question type and per error kind, plus solution-level accuracy (a solution is judged correct
+when every step scores >= threshold) and first-error localisation. ``evaluate_synthetic(prm, ...)``
+is the same as a function (what the tiny training run reports).
+
+Errors in input files are reported as ``file:line: message`` and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxprm.eval import answers as ans_lib
+from jaxprm.eval import bon_curve as bon_lib
+from jaxprm.eval import step_f1 as f1_lib
+
+DEFAULT_AGGREGATIONS = "mean,min,last,product,orm"
+SYNTHETIC_EVAL_SEED = 20240917  # far from the training data's default seed 0
+_CANDIDATE_KEYS = ("candidates", "solutions", "responses", "samples")
+
+
+class InputError(ValueError):
+    """A problem with the command's inputs; the message starts with ``file:line:`` when it can."""
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def _tqdm(it, progress: bool, **kw):
+    if not progress:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, **kw)
+
+
+def load_prm(path: str):
+    """``jaxprm.load_prm(path)`` (falls back to ``jaxprm.search.scorer.load_prm``)."""
+    try:
+        from jaxprm import load_prm as _load
+    except ImportError:
+        try:
+            from jaxprm.search.scorer import load_prm as _load
+        except ImportError as e:
+            raise InputError(f"cannot load a PRM: jaxprm.load_prm is not available ({e})") from None
+    if not os.path.exists(path):
+        raise InputError(f"--prm {path!r} does not exist")
+    return _load(path)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table with right-aligned numbers (floats with 4 decimals)."""
+    def cell(v):
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else f"{v:.4f}"
+        return str(v)
+
+    body = [[cell(v) for v in r] for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in body)) if body else len(str(h)) for i, h in enumerate(headers)]
+    line = "  ".join(str(h).ljust(w) if i == 0 else str(h).rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
+    out = [line, "-" * len(line)]
+    for r in body:
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(out)
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, bytes):
+        return f"<{len(o)} bytes>"
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _image_arg(images: Sequence):
+    """Benchmark images -> what PRM/policy take: None, one image, or a list. Data URLs are decoded."""
+    out = []
+    for im in images or []:
+        if isinstance(im, str) and im.startswith("data:"):
+            try:
+                out.append(base64.b64decode(im.split(",", 1)[1]))
+            except (IndexError, ValueError):
+                raise InputError(f"invalid image data URL {im[:40]!r}...") from None
+        else:
+            out.append(im)
+    if not out:
+        return None
+    return out[0] if len(out) == 1 else out
+
+
+def _check_images(images: Sequence, where: str) -> None:
+    for im in images or []:
+        if isinstance(im, str) and not im.startswith("data:") and "://" not in im and not os.path.exists(im):
+            raise InputError(f"{where}: image file not found: {im}")
+
+
+def _problem_question(p: dict) -> str:
+    """The question text the policy and the PRM see: MathVista's ``query`` when present (it already
+    lists the choices), else the question followed by lettered choices."""
+    q = (p.get("meta") or {}).get("query")
+    if isinstance(q, str) and q.strip():
+        return q
+    text = p["question"]
+    if p.get("choices"):
+        text += "\nChoices:\n" + "\n".join(f"({ans_lib.LETTERS[i]}) {c}" for i, c in enumerate(p["choices"]))
+    return text
+
+
+def _vote_key(pred: str | None):
+    if pred is None:
+        return None
+    v = ans_lib.parse_number(pred)
+    if v is not None:
+        return f"{v:.6g}"
+    return ans_lib.normalize_text(pred) or None
+
+
+# ------------------------------------------------------------------------------------------------
+# candidates file
+# ------------------------------------------------------------------------------------------------
+def _candidate_text(c, where: str, j: int) -> str:
+    from jaxprm.search.steps import join_steps
+
+    if isinstance(c, str):
+        return c
+    if isinstance(c, dict):
+        for k in ("text", "response", "solution", "content"):
+            if isinstance(c.get(k), str):
+                return c[k]
+        if isinstance(c.get("steps"), list):
+            c = c["steps"]
+    if isinstance(c, list) and all(isinstance(s, str) for s in c):
+        return join_steps(c)
+    raise InputError(f"{where}: candidate {j} must be a string, a list of step strings or {{'text': ...}}, "
+                     f"got {type(c).__name__}")
+
+
+def load_candidates(path: str) -> dict[str, list[str]]:
+    """``{problem id: [solution text, ...]}`` from a candidates jsonl (later lines for the same id
+    append). Errors name ``file:line``."""
+    out: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            pid = next((row[k] for k in ("id", "pid", "problem_id") if row.get(k) is not None), None)
+            if pid is None:
+                raise InputError(f"{where}: missing 'id'")
+            cands = next((row[k] for k in _CANDIDATE_KEYS if k in row), None)
+            if not isinstance(cands, list):
+                raise InputError(f"{where}: missing list field 'candidates' (or one of {list(_CANDIDATE_KEYS[1:])})")
+            out.setdefault(str(pid), []).extend(_candidate_text(c, where, j) for j, c in enumerate(cands))
+    return out
+
+
+def make_policy(args):
+    """The sampling policy named by ``--policy`` (None without one)."""
+    from jaxprm.search import policy as pol
+
+    if not args.policy:
+        return None
+    instruction = args.instruction if args.instruction is not None else pol.DEFAULT_INSTRUCTION
+    if args.policy == "openai":
+        if not args.base_url or not args.model:
+            raise InputError("--policy openai needs --base-url and --model")
+        from jaxprm.search.openai_client import OpenAIChatClient
+
+        client = OpenAIChatClient(args.base_url, args.model, api_key=args.api_key, max_retries=args.max_retries)
+        return pol.OpenAIPolicy(client, instruction)
+    if args.policy == "jax":
+        if not args.policy_model:
+            raise InputError("--policy jax needs --policy-model HF_DIR")
+        if not os.path.isdir(args.policy_model):
+            raise InputError(f"--policy-model {args.policy_model!r} is not a directory")
+        return pol.JaxPolicy.from_pretrained(args.policy_model, instruction=instruction)
+    raise InputError(f"unknown --policy {args.policy!r}")
+
+
+def sample_candidates(policy, problems: list[dict], path: str, n: int, sampling: dict, seed: int,
+                      progress: bool = True) -> dict[str, list[str]]:
+    """Sample ``n`` solutions for every problem that has none in ``path`` yet, appending them
+    there one line per problem; returns all candidates."""
+    have = load_candidates(path) if os.path.exists(path) else {}
+    todo = [(i, p) for i, p in enumerate(problems) if len(have.get(p["id"], [])) < n]
+    if todo:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            for i, p in _tqdm(todo, progress, desc="sampling candidates", unit="problem"):
+                k = n - len(have.get(p["id"], []))
+                texts = policy.sample_solutions(_image_arg(p["images"]), _problem_question(p), k,
+                                                seed=seed + i, **sampling)
+                have.setdefault(p["id"], []).extend(texts)
+                f.write(json.dumps({"id": p["id"], "candidates": list(texts)}, ensure_ascii=False) + "\n")
+                f.flush()
+    return have
+
+
+# ------------------------------------------------------------------------------------------------
+# bon
+# ------------------------------------------------------------------------------------------------
+def _table_ns(max_n: int) -> list[int]:
+    ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= max_n]
+    if max_n not in ns:
+        ns.append(max_n)
+    return ns
+
+
+def evaluate_bon(prm, problems: list[dict], candidates: dict[str, list[str]], *, max_n: int = 64,
+                 aggregations: Sequence[str] = ("mean", "min", "last", "product", "orm"), answer_kind: str = "auto",
+                 num_samples: int = 200, seed: int = 0, progress: bool = True, where: str = "candidates") -> dict:
+    """Best-of-N results (see the module docstring) as a JSON-able dict."""
+    from jaxprm.search.search import aggregate_scores, score_candidates, score_orm
+
+    missing = [p["id"] for p in problems if not candidates.get(p["id"])]
+    if missing:
+        raise InputError(f"{where}: no candidates for {len(missing)} problem(s), e.g. {missing[:5]}")
+    n_min = min(len(candidates[p["id"]]) for p in problems)
+    if n_min < max_n:
+        print(f"note: the smallest number of candidates per problem is {n_min}; curves go up to N={n_min}",
+              file=sys.stderr)
+        max_n = n_min
+    ns = list(range(1, max_n + 1))
+    per_problem, correct_all, votes_all = [], [], []
+    scores_all: dict[str, list[np.ndarray]] = {a: [] for a in aggregations}
+    for p in _tqdm(problems, progress, desc="scoring candidates", unit="problem"):
+        cands = candidates[p["id"]]
+        image, question = _image_arg(p["images"]), _problem_question(p)
+        preds = [ans_lib.extract_answer(c, answer_kind, p.get("choices")) for c in cands]
+        gold = p["answer"]
+        correct = np.asarray([ans_lib.is_correct(x, gold, p.get("choices")) for x in preds], bool)
+        step_lists, step_scores = score_candidates(prm, image, question, cands)
+        entry = {"id": p["id"], "answer": gold, "n": len(cands), "predictions": preds,
+                 "correct": correct.tolist(), "num_steps": [len(s) for s in step_lists],
+                 "step_scores": [s.tolist() for s in step_scores], "scores": {}}
+        for how in aggregations:
+            s = score_orm(prm, image, question, cands) if how == "orm" else aggregate_scores(step_scores, how)
+            scores_all[how].append(s)
+            entry["scores"][how] = s.tolist()
+        per_problem.append(entry)
+        correct_all.append(correct)
+        votes_all.append([_vote_key(x) for x in preds])
+    curves: dict[str, dict] = {}
+    for how in aggregations:
+        curves[f"bon_{how}"] = {"ns": ns, "acc": bon_lib.bon_curve(scores_all[how], correct_all, ns)[1].tolist()}
+    # majority vote is estimated by sampling subsets (slow in Python): only at the table's N
+    mns = _table_ns(max_n)
+    curves["majority"] = {"ns": mns, "acc": bon_lib.majority_curve(votes_all, correct_all, mns, num_samples=num_samples,
+                                                                   seed=seed)[1].tolist()}
+    curves["pass@n"] = {"ns": ns, "acc": bon_lib.pass_at_n_curve(correct_all, ns)[1].tolist()}
+    return {"n_problems": len(problems), "max_n": max_n, "ns": ns, "aggregations": list(aggregations),
+            "curves": curves, "accuracy_at_1": float(np.mean([c.mean() for c in correct_all])),
+            "per_problem": per_problem}
+
+
+def _bon_table(res: dict) -> str:
+    cols = _table_ns(res["max_n"])
+    rows = []
+    for name, c in res["curves"].items():
+        at = dict(zip(c["ns"], c["acc"]))
+        rows.append([name] + [at.get(n, float("nan")) for n in cols])
+    return format_table(["method"] + [f"N={n}" for n in cols], rows)
+
+
+def cmd_bon(args, prm=None, policy=None) -> dict:
+    if args.max_n < 1 or (args.n_samples is not None and args.n_samples < 1):
+        raise InputError("--max-n and --n-samples must be >= 1")
+    problems = ans_lib.load_benchmark_jsonl(args.data, args.format, args.image_root)
+    if args.limit:
+        problems = problems[: args.limit]
+    if not problems:
+        raise InputError(f"{args.data}: no problems")
+    seen = {}
+    for i, p in enumerate(problems):
+        if p["id"] in seen:
+            raise InputError(f"{args.data}: problem id {p['id']!r} appears twice (records {seen[p['id']]} and {i})")
+        seen[p["id"]] = i
+        _check_images(p["images"], f"{args.data}: problem {p['id']!r}")
+    aggs = [a.strip() for a in args.aggregate.split(",") if a.strip()]
+    from jaxprm.search.search import AGGREGATE_CHOICES
+
+    bad = [a for a in aggs if a not in AGGREGATE_CHOICES]
+    if bad or not aggs:
+        raise InputError(f"--aggregate: unknown aggregation(s) {bad}; choose from {list(AGGREGATE_CHOICES)}")
+    cand_path = args.candidates or os.path.join(args.out, "candidates.jsonl")
+    policy = policy if policy is not None else make_policy(args)
+    if policy is not None:
+        sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens}
+        candidates = sample_candidates(policy, problems, cand_path, args.n_samples or args.max_n, sampling,
+                                       args.seed, progress=not args.no_progress)
+    else:
+        if not os.path.exists(cand_path):
+            raise InputError(f"candidates file {cand_path!r} not found (give --candidates, or --policy to sample them)")
+        candidates = load_candidates(cand_path)
+    prm = prm if prm is not None else load_prm(args.prm)
+    res = evaluate_bon(prm, problems, candidates, max_n=args.max_n, aggregations=aggs, answer_kind=args.answer_kind,
+                       num_samples=args.majority_samples, seed=args.seed, progress=not args.no_progress,
+                       where=cand_path)
+    res.update({"data": args.data, "format": args.format, "candidates": cand_path, "prm": args.prm})
+    os.makedirs(args.out, exist_ok=True)
+    _write_json(os.path.join(args.out, "bon_results.json"), res)
+    curves = {name: (c["ns"], c["acc"]) for name, c in res["curves"].items()}
+    bon_lib.plot_bon_curve(curves, os.path.join(args.out, "bon_curve.png"),
+                           title=f"best-of-N on {os.path.basename(args.data)} ({res['n_problems']} problems)")
+    print(_bon_table(res))
+    print(f"wrote {os.path.join(args.out, 'bon_results.json')} and {os.path.join(args.out, 'bon_curve.png')}")
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# VisualProcessBench
+# ------------------------------------------------------------------------------------------------
+def _score_items(prm, items: list, batch_size: int, progress: bool, desc: str) -> list[np.ndarray]:
+    out: list[np.ndarray] = []
+    starts = range(0, len(items), max(1, batch_size))
+    for s in _tqdm(starts, progress, desc=desc, unit="batch", total=len(starts)):
+        got = prm.score_batch(items[s: s + batch_size])
+        out.extend(np.asarray(g, np.float64).reshape(-1) for g in got)
+    for i, (it, sc) in enumerate(zip(items, out)):
+        if sc.shape[0] != len(it[2]):
+            raise RuntimeError(f"the PRM returned {sc.shape[0]} scores for item {i} with {len(it[2])} steps")
+    return out
+
+
+def _f1_row(name: str, m: dict) -> list:
+    return [name, m["n_steps"], m["accuracy"], m["f1_correct"], m["f1_incorrect"], m["macro_f1"]]
+
+
+def _f1_rows(res: dict) -> list[list]:
+    rows = [_f1_row(src, m) for src, m in res["per_source"].items()]
+    rows.append(_f1_row("overall", res["overall"]))
+    return rows
+
+
+F1_HEADERS = ["source", "steps", "acc", "F1(correct)", "F1(incorrect)", "macro-F1"]
+
+
+def _vpb_lines(path: str) -> list[int]:
+    with open(path, encoding="utf-8") as f:
+        return [i for i, line in enumerate(f, 1) if line.strip()]
+
+
+def evaluate_vpb(prm, rows: list[dict], *, image_root: str, threshold: float = 0.5, batch_size: int = 8,
+                 progress: bool = True, where: Sequence[str] | None = None) -> tuple[dict, list[np.ndarray]]:
+    """(``step_f1`` result, per-row step scores) for VisualProcessBench rows."""
+    items = []
+    for i, row in enumerate(rows):
+        w = where[i] if where else f"row {i}"
+        imgs = row.get("image", row.get("images")) or []
+        imgs = [imgs] if isinstance(imgs, str) else list(imgs)
+        imgs = [im if (not isinstance(im, str) or os.path.isabs(im) or im.startswith("data:")) else
+                os.path.join(image_root, im) for im in imgs]
+        _check_images(imgs, w)
+        steps = [str(s) for s in row["response"]["steps"]]
+        if not steps:
+            raise InputError(f"{w}: response.steps is empty")
+        q = row.get("question")
+        if not isinstance(q, str):
+            raise InputError(f"{w}: missing 'question'")
+        items.append((_image_arg(imgs), q, steps))
+    scores = _score_items(prm, items, batch_size, progress, "scoring VisualProcessBench")
+    return f1_lib.step_f1(rows, scores=scores, threshold=threshold), scores
+
+
+def cmd_vpb(args, prm=None) -> dict:
+    try:
+        rows = f1_lib.load_visualprocessbench(args.data)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    lines = _vpb_lines(args.data)
+    if args.limit:
+        rows = rows[: args.limit]
+    if not rows:
+        raise InputError(f"{args.data}: no rows")
+    root = args.image_root or os.path.dirname(os.path.abspath(args.data))
+    where = [f"{args.data}:{ln}" for ln in lines[: len(rows)]]
+    prm = prm if prm is not None else load_prm(args.prm)
+    res, scores = evaluate_vpb(prm, rows, image_root=root, threshold=args.threshold, batch_size=args.batch_size,
+                               progress=not args.no_progress, where=where)
+    res.update({"data": args.data, "prm": args.prm})
+    os.makedirs(args.out, exist_ok=True)
+    _write_json(os.path.join(args.out, "vpb_results.json"), res)
+    with open(os.path.join(args.out, "vpb_scores.jsonl"), "w", encoding="utf-8") as f:
+        for row, sc, w in zip(rows, scores, where):
+            f.write(json.dumps({"where": w, "id": row.get("id", row.get("index")),
+                                "data_source": row.get("data_source"), "pred_scores": sc.tolist()}) + "\n")
+    print(format_table(F1_HEADERS, _f1_rows(res)))
+    print(f"macro-F1 mean over sources: {res['macro_f1_source_mean']:.4f}  "
+          f"(step-weighted: {res['macro_f1_source_weighted']:.4f})")
+    print(f"wrote {os.path.join(args.out, 'vpb_results.json')}")
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# synthetic
+# ------------------------------------------------------------------------------------------------
+def evaluate_synthetic(prm, n: int = 200, seed: int = SYNTHETIC_EVAL_SEED, *, error_rate: float = 0.5,
+                       image_size: tuple[int, int] | None = None, threshold: float = 0.5, batch_size: int = 8,
+                       progress: bool = False, records=None) -> dict:
+    """Step F1 of ``prm`` on ``n`` freshly generated synthetic puzzles (or the given ``records``).
+
+    Returns ``{"overall", "by_question_type", "by_error_kind", "solution_accuracy",
+    "first_error_accuracy", "n_records", ...}`` where the F1 entries are ``step_f1`` results and
+    ``first_error_accuracy`` is, over solutions with an error, the share whose first step scored
+    below ``threshold`` is the true first error step."""
+    from jaxprm.data import synthetic as syn
+
+    if records is None:
+        kw = {} if image_size is None else {"image_size": tuple(image_size)}
+        records = syn.generate_records(n, seed=seed, error_rate=error_rate, progress=progress, **kw)
+    items = [(r.images[0], r.question, [s.text for s in r.steps]) for r in records]
+    scores = _score_items(prm, items, batch_size, progress, "scoring synthetic puzzles")
+
+    def rows(key):
+        return [{"data_source": key(r), "process_correctness": [1 if s.label == 1 else -1 for s in r.steps]}
+                for r in records]
+
+    overall = f1_lib.step_f1(records, scores=scores, threshold=threshold)
+    by_q = f1_lib.step_f1(rows(lambda r: r.meta["question_type"]), scores=scores, threshold=threshold)
+    by_e = f1_lib.step_f1(rows(lambda r: r.meta["error_kind"] or "none"), scores=scores, threshold=threshold)
+    sol_ok, first_ok, n_err = [], 0, 0
+    for r, sc in zip(records, scores):
+        pred_correct = bool(np.all(sc >= threshold))
+        sol_ok.append(pred_correct == bool(r.meta["answer_correct"]))
+        fe = r.meta["first_error_step"]
+        if fe is not None:
+            n_err += 1
+            below = np.flatnonzero(sc < threshold)
+            first_ok += int(below.size > 0 and int(below[0]) == int(fe))
+    return {
+        "n_records": len(records), "seed": seed, "threshold": threshold,
+        "macro_f1": overall["overall"]["macro_f1"],
+        "overall": overall["overall"],
+        "by_question_type": by_q["per_source"],
+        "by_error_kind": by_e["per_source"],
+        "solution_accuracy": float(np.mean(sol_ok)) if sol_ok else 0.0,
+        "first_error_accuracy": first_ok / n_err if n_err else 0.0,
+        "n_with_error": n_err,
+        "scores": [s.tolist() for s in scores],
+    }
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    from jaxprm.data.synthetic import _parse_size as parse
+
+    return parse(text)
+
+
+def cmd_synthetic(args, prm=None) -> dict:
+    if args.n < 1:
+        raise InputError("--n must be >= 1")
+    prm = prm if prm is not None else load_prm(args.prm)
+    res = evaluate_synthetic(prm, args.n, args.seed, error_rate=args.error_rate, image_size=args.image_size,
+                             threshold=args.threshold, batch_size=args.batch_size, progress=not args.no_progress)
+    res["prm"] = args.prm
+    rows = [_f1_row(f"type:{k}", m) for k, m in res["by_question_type"].items()]
+    rows += [_f1_row(f"error:{k}", m) for k, m in res["by_error_kind"].items()]
+    rows.append(_f1_row("overall", res["overall"]))
+    print(format_table(["slice"] + F1_HEADERS[1:], rows))
+    print(f"solution accuracy: {res['solution_accuracy']:.4f}  first-error localisation: "
+          f"{res['first_error_accuracy']:.4f} ({res['n_with_error']} solutions with an error)")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        _write_json(os.path.join(args.out, "synthetic_results.json"), res)
+        print(f"wrote {os.path.join(args.out, 'synthetic_results.json')}")
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m jaxprm.eval", description="Evaluate a jaxprm PRM.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p, prm_required=True):
+        p.add_argument("--prm", required=prm_required, help="PRM dir (training workdir, exported or HF dir)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    b = sub.add_parser("bon", help="best-of-N accuracy vs N with PRM aggregations, majority and pass@N")
+    common(b)
+    b.add_argument("--data", required=True, help="benchmark jsonl")
+    b.add_argument("--format", default="generic", choices=ans_lib.FORMATS)
+    b.add_argument("--image-root", default=None, help="resolve relative image paths here (default: the jsonl's dir)")
+    b.add_argument("--candidates", default=None, help="candidates jsonl (default DIR/candidates.jsonl)")
+    b.add_argument("--max-n", type=int, default=64)
+    b.add_argument("--aggregate", default=DEFAULT_AGGREGATIONS,
+                   help=f"comma-separated aggregations (default {DEFAULT_AGGREGATIONS}; also length_normalized)")
+    b.add_argument("--answer-kind", default="auto", choices=ans_lib.KINDS)
+    b.add_argument("--out", required=True, help="output directory")
+    b.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--majority-samples", type=int, default=200, help="subsets per (problem, N) for majority vote")
+    g = b.add_argument_group("sampling candidates (when the candidates file lacks some problems)")
+    g.add_argument("--policy", choices=("openai", "jax"), default=None)
+    g.add_argument("--base-url", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--model", default=None, help="model name on the server")
+    g.add_argument("--api-key", default=None)
+    g.add_argument("--max-retries", type=int, default=5)
+    g.add_argument("--policy-model", default=None, help="HF Qwen2.5-VL dir for --policy jax")
+    g.add_argument("--n-samples", type=int, default=None, help="solutions per problem (default --max-n)")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-tokens", type=int, default=1024)
+    g.add_argument("--instruction", default=None, help="instruction appended to each question for the policy")
+
+    v = sub.add_parser("vpb", help="VisualProcessBench step macro-F1")
+    common(v)
+    v.add_argument("--data", required=True, help="VisualProcessBench test.jsonl")
+    v.add_argument("--image-root", default=None, help="default: the jsonl's directory")
+    v.add_argument("--out", required=True)
+    v.add_argument("--threshold", type=float, default=0.5)
+    v.add_argument("--batch-size", type=int, default=8)
+    v.add_argument("--limit", type=int, default=None)
+
+    s = sub.add_parser("synthetic", help="step F1 on freshly generated synthetic puzzles")
+    common(s)
+    s.add_argument("--n", type=int, default=200)
+    s.add_argument("--seed", type=int, default=SYNTHETIC_EVAL_SEED)
+    s.add_argument("--error-rate", type=float, default=0.5)
+    s.add_argument("--image-size", type=_parse_size, default=None, help="HxW, multiples of 28 (default 112x112)")
+    s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--out", default=None)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None, *, prm=None, policy=None) -> int:
+    """CLI entry point. ``prm`` / ``policy`` objects may be injected (tests, notebooks); then
+    ``--prm`` is still required by the parser but not loaded."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "bon":
+            cmd_bon(args, prm, policy)
+        elif args.command == "vpb":
+            cmd_vpb(args, prm)
+        else:
+            cmd_synthetic(args, prm)
+    except (InputError, ans_lib.BenchmarkFormatError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,105 @@
+"""Pure, jittable training and evaluation steps for a PRM.
+
+The train state is a plain dict: ``trainable`` / ``frozen`` (NNX param states), ``opt_state``
+(for ``trainable`` only) and ``step``. A global batch of B rows is split into ``accum`` micro-
+batches and ``lax.scan`` sums their gradients. The loss of every micro-batch is normalised by the
+label weight of the *whole* batch (known from the labels before any forward pass), so the summed
+gradient equals the gradient of the big-batch loss exactly. Micro-batch j takes rows j, j+A, ...
+so each micro-batch stays spread over all data-parallel devices.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxprm.models.prm import step_loss
+
+BATCH_AXIS = {"position_ids": 1}
+
+
+def split_params(model, freeze_vision: bool):
+    """-> (graphdef, trainable, frozen) with the vision tower frozen if asked."""
+    frozen = nnx.PathContains("visual") if freeze_vision else nnx.Nothing
+    return nnx.split(model, nnx.All(nnx.Param, nnx.Not(frozen)), nnx.Param)
+
+
+def label_weights(labels, class_weights):
+    return jnp.where(labels == 1, class_weights[0], class_weights[1]) * (labels >= 0)
+
+
+def microbatches(batch: dict, accum: int) -> dict:
+    def one(k, x):
+        ax = BATCH_AXIS.get(k, 0)
+        b = x.shape[ax]
+        if b % accum:
+            raise ValueError(f"batch size {b} is not divisible by grad accumulation steps {accum}")
+        x = jnp.moveaxis(x, ax, 0)
+        x = x.reshape(b // accum, accum, *x.shape[1:]).swapaxes(0, 1)  # (A, B/A, ...): rows j, j+A, ...
+        return jnp.moveaxis(x, 1, ax + 1)
+
+    return {k: one(k, v) for k, v in batch.items()}
+
+
+def make_train_step(graphdef, optimizer, *, accum: int = 1, class_weights=(1.0, 1.0)):
+    def loss_fn(trainable, frozen, mb, weight_total):
+        model = nnx.merge(graphdef, trainable, frozen)
+        logits = model.step_logits(mb)
+        _, metrics = step_loss(logits, mb["labels"], class_weights)
+        return metrics["loss_sum"] / weight_total, metrics
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state, batch):
+        trainable, frozen = state["trainable"], state["frozen"]
+        weight_total = jnp.maximum(label_weights(batch["labels"], class_weights).sum(), 1e-9)
+        mbs = microbatches(batch, accum)
+
+        def body(carry, mb):
+            g_acc, m_acc = carry
+            (_, metrics), grads = grad_fn(trainable, frozen, mb, weight_total)
+            return (jax.tree.map(jnp.add, g_acc, grads), jax.tree.map(jnp.add, m_acc, metrics)), None
+
+        zeros_g = jax.tree.map(jnp.zeros_like, trainable)
+        zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                               jax.eval_shape(lambda: grad_fn(trainable, frozen, jax.tree.map(lambda x: x[0], mbs),
+                                                              weight_total)[0][1]))
+        (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), mbs)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = dict(metrics, loss=metrics["loss_sum"] / weight_total, grad_norm=optax.global_norm(grads),
+                       tokens=(batch["segment_ids"] > 0).sum())
+        new_state = dict(state, trainable=trainable, opt_state=opt_state, step=state["step"] + 1)
+        return new_state, metrics
+
+    return train_step
+
+
+def init_train_state(trainable, frozen, optimizer, mesh):
+    """Place params and a fresh optimizer state on ``mesh`` -> (state, state shardings)."""
+    from jaxprm import sharding as shd
+
+    t_sh, f_sh = shd.param_shardings(trainable, mesh), shd.param_shardings(frozen, mesh)
+    opt_sh = shd.opt_state_shardings(jax.eval_shape(optimizer.init, trainable), t_sh, mesh)
+    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = {"trainable": jax.device_put(trainable, t_sh), "frozen": jax.device_put(frozen, f_sh),
+             "opt_state": jax.jit(optimizer.init, out_shardings=opt_sh)(trainable),
+             "step": jax.device_put(jnp.zeros((), jnp.int32), repl)}
+    return state, {"trainable": t_sh, "frozen": f_sh, "opt_state": opt_sh, "step": repl}
+
+
+def jit_train_step(train_step, state_shardings):
+    """Jit with the state pinned to its shardings (so step n+1 reuses step n's executable) and donated."""
+    return jax.jit(train_step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
+                   donate_argnums=(0,))
+
+
+def make_eval_step(graphdef, *, class_weights=(1.0, 1.0)):
+    def eval_step(trainable, frozen, batch):
+        model = nnx.merge(graphdef, trainable, frozen)
+        logits = model.step_logits(batch)
+        _, metrics = step_loss(logits, batch["labels"], class_weights)
+        return metrics
+
+    return eval_step

@@ -1,0 +1,192 @@
+"""Policies: step-wise continuation logic, the OpenAI-compatible policy against a local HTTP
+server, and the scripted policy of the embedded puzzle task."""
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from jaxprm.data import synthetic as syn
+from jaxprm.search.openai_client import OpenAIChatClient
+from jaxprm.search.policy import DEFAULT_INSTRUCTION, JaxPolicy, OpenAIPolicy, Policy, ScriptedPolicy
+from jaxprm.search.steps import clean_step, extract_final_answer, join_steps, split_steps
+
+
+# ------------------------------------------------------------------------------------------------
+# JaxPolicy over a stand-in sampler (the real Sampler is tested in test_sampler.py)
+# ------------------------------------------------------------------------------------------------
+class FakeSampler:
+    def __init__(self, replies):
+        self.replies = list(replies)  # one list of texts per call
+        self.calls = []
+
+    def generate(self, image, question, n=1, **kw):
+        self.calls.append({"image": image, "question": question, "n": n, **kw})
+        out = self.replies.pop(0)
+        assert len(out) == n
+        return out
+
+
+def test_jax_policy_continues_the_answer_one_step_at_a_time():
+    fake = FakeSampler([["[Reasoning]\n2 + 3 = 5.", "[Reasoning]", "  "], ["So it is \\boxed{5}."]])
+    pol = JaxPolicy(fake, temperature=0.9, max_batch=8)
+    assert isinstance(pol, Policy)
+    steps = pol.sample_next_steps("IMG", "How many?", ["[Visual Elements]\nTwo red.", "Three blue."], 3, top_p=0.8)
+    assert steps == ["[Reasoning]\n2 + 3 = 5.", "[Reasoning]\nSo it is \\boxed{5}.", ""]
+    first, second = fake.calls
+    assert first["assistant_prefix"] == "[Visual Elements]\nTwo red.\n\nThree blue.\n\n"
+    assert first["stop"] == ["\n\n"] and first["n"] == 3
+    assert first["question"] == f"How many?\n\n{DEFAULT_INSTRUCTION}"
+    assert first["temperature"] == 0.9 and first["top_p"] == 0.8 and first["max_new_tokens"] == 256
+    # a header-only chunk is completed under its header
+    assert second["assistant_prefix"] == first["assistant_prefix"] + "[Reasoning]\n\n" and second["n"] == 1
+    assert first["seed"] != second["seed"]
+
+
+def test_jax_policy_full_solutions_in_batches():
+    fake = FakeSampler([["a", "b"], ["c"]])
+    pol = JaxPolicy(fake, instruction=None, max_batch=2, max_new_tokens=64)
+    assert pol.sample_solutions(None, "Q?", 3, seed=5, max_tokens=32) == ["a", "b", "c"]
+    assert [c["n"] for c in fake.calls] == [2, 1]
+    assert all(c["stop"] is None and c["assistant_prefix"] == "" and c["max_new_tokens"] == 32 for c in fake.calls)
+    assert fake.calls[0]["question"] == "Q?" and fake.calls[0]["seed"] != fake.calls[1]["seed"]
+
+
+# ------------------------------------------------------------------------------------------------
+# OpenAIPolicy against a local server
+# ------------------------------------------------------------------------------------------------
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *a):  # keep test output clean
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(body)
+        n = body.get("n", 1)
+        msgs = body["messages"]
+        if msgs[-1]["role"] == "assistant":  # continuation of a partial answer
+            k = msgs[-1]["content"].count("\n\n")
+            texts = [f"Step {k + 1} option {i}." for i in range(n)]
+            if msgs[-1]["content"].endswith("[Reasoning]\n\n"):
+                texts = ["Thus \\boxed{7}."] * n
+            elif k == 1:
+                texts[0] = "[Reasoning]"  # a header alone: the policy must ask again
+                texts[-1] = "Last.\n\nThis server ignores stop strings."
+        else:
+            texts = [f"Solution {i}.\n\nThe answer is \\boxed{{{i}}}." for i in range(n)]
+        texts = texts[: self.server.max_choices]
+        resp = {"choices": [{"index": i, "message": {"role": "assistant", "content": t}} for i, t in enumerate(texts)],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+        data = json.dumps(resp).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.requests, srv.max_choices = [], 100
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(timeout=5)
+
+
+def _client(srv):
+    return OpenAIChatClient(f"http://127.0.0.1:{srv.server_address[1]}/v1", "policy-model", api_key="k",
+                            timeout=10, max_retries=0)
+
+
+def test_openai_policy_solutions_and_top_up(server):
+    server.max_choices = 2  # the server returns at most 2 choices per request
+    pol = OpenAIPolicy(_client(server), temperature=0.7)
+    sols = pol.sample_solutions(b"\x89PNG\r\n\x1a\nfake", "Count the shapes.", 3, seed=1, max_new_tokens=100)
+    assert sols == ["Solution 0.\n\nThe answer is \\boxed{0}.", "Solution 1.\n\nThe answer is \\boxed{1}.",
+                    "Solution 0.\n\nThe answer is \\boxed{0}."]
+    assert [r["n"] for r in server.requests] == [3, 1]
+    r = server.requests[0]
+    assert r["model"] == "policy-model" and r["temperature"] == 0.7 and r["max_tokens"] == 100 and r["seed"] == 1
+    assert "stop" not in r and "continue_final_message" not in r
+    (user,) = r["messages"]
+    assert user["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert user["content"][1]["text"] == f"Count the shapes.\n\n{DEFAULT_INSTRUCTION}"
+
+
+def test_openai_policy_next_steps_continue_final_message(server):
+    pol = OpenAIPolicy(_client(server))
+    assert pol.sample_next_steps(None, "Q?", [], 2) == ["Solution 0.", "Solution 1."]
+    first = server.requests[-1]
+    # no steps yet: an ordinary request that stops at the first blank line
+    assert first["messages"][-1]["role"] == "user" and first["stop"] == ["\n\n"] and first["max_tokens"] == 256
+    steps = pol.sample_next_steps(None, "Q?", ["[Visual Elements]\nA red circle."], 3, temperature=1.0)
+    assert steps == ["[Reasoning]\nThus \\boxed{7}.", "Step 2 option 1.", "Last."]
+    req, again = server.requests[-2:]
+    assert req["messages"][-1] == {"role": "assistant", "content": "[Visual Elements]\nA red circle.\n\n"}
+    assert req["continue_final_message"] is True and req["add_generation_prompt"] is False
+    assert req["stop"] == ["\n\n"] and req["n"] == 3 and req["temperature"] == 1.0
+    assert again["messages"][-1]["content"] == "[Visual Elements]\nA red circle.\n\n[Reasoning]\n\n" and again["n"] == 1
+
+
+def test_openai_policy_user_prompt_continuation(server):
+    pol = OpenAIPolicy(_client(server), instruction="Solve it.", continuation="user_prompt", system_prompt="Be brief.")
+    pol.sample_next_steps(None, "Q?", ["One.", "Two."], 1)
+    req = server.requests[-1]
+    assert [m["role"] for m in req["messages"]] == ["system", "user"]
+    text = req["messages"][-1]["content"][-1]["text"]
+    assert text.startswith("Q?\n\nSolve it.\n\n") and "One.\n\nTwo." in text and "next step" in text
+    assert "continue_final_message" not in req
+    with pytest.raises(ValueError, match="continuation"):
+        OpenAIPolicy(_client(server), continuation="prefill")
+
+
+# ------------------------------------------------------------------------------------------------
+# ScriptedPolicy on synthetic puzzles
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def records():
+    return syn.generate_records(6, seed=3, error_rate=0.0)
+
+
+def test_scripted_solutions_deterministic_and_mixed(records):
+    rec = records[0]
+    pol = ScriptedPolicy(records, solution_error_rate=0.5)
+    a = pol.sample_solutions(rec.images[0], rec.question, 12, seed=4)
+    b = ScriptedPolicy(records, solution_error_rate=0.5).sample_solutions(rec.images[0], rec.question, 12, seed=4)
+    assert a == b
+    answers = [extract_final_answer(t) for t in a]
+    n_right = sum(x == rec.answer for x in answers)
+    assert 0 < n_right < 12  # some correct, some with an injected error (always a wrong answer)
+    correct_text = syn.format_solution(rec.steps)
+    assert all(t == correct_text for t, x in zip(a, answers) if x == rec.answer)
+    assert all(split_steps(t) for t in a)
+    with pytest.raises(KeyError, match="unknown question"):
+        pol.sample_solutions(rec.images[0], "What?", 1)
+
+
+def test_scripted_next_steps_follow_their_prefix(records):
+    rec = records[1]
+    truth = [s.text for s in rec.steps]
+    pol = ScriptedPolicy(records, step_error_rate=0.5, seed=0)
+    first = pol.sample_next_steps(rec.images[0], rec.question, [], 16)
+    assert truth[0] in first and any(s != truth[0] for s in first)
+    wrong = next(s for s in first if s != truth[0])
+    # after a wrong step the policy continues that wrong solution consistently
+    cont = pol.sample_next_steps(rec.images[0], rec.question, [wrong], 4)
+    assert len(set(cont)) == 1 and cont[0] != ""
+    # a correct prefix ending at the last step: nothing more to say
+    assert pol.sample_next_steps(rec.images[0], rec.question, truth, 2) == ["", ""]
+    # the policy writes the correct solution when it makes no errors
+    clean = ScriptedPolicy(records, step_error_rate=0.0)
+    prefix = []
+    for _ in range(len(truth)):
+        (step,) = clean.sample_next_steps(rec.images[0], rec.question, prefix, 1)
+        prefix.append(step)
+    assert prefix == truth and extract_final_answer(join_steps(prefix)) == rec.answer
+    assert [clean_step(s) for s in prefix] == truth

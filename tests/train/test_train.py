@@ -1,0 +1,189 @@
+"""Training on 8 virtual CPU devices: sharding, gradient accumulation, kill-and-resume, learning."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxprm import checkpointing as ckpt
+from jaxprm import sharding as shd
+from jaxprm.data.pipeline import PipelineConfig, make_loader
+from jaxprm.data.preprocess import ImageProcessor
+from jaxprm.data.synthetic import build_synthetic_tokenizer, generate_records, tiny_model_config
+from jaxprm.data.tfds_builder import build_dataset
+from jaxprm.models.prm import PRMModel
+from jaxprm.models.qwen2_5_vl import Qwen25VL
+from jaxprm.train_step import init_train_state, jit_train_step, make_train_step, split_params
+
+assert jax.device_count() == 8, "tests/conftest.py sets 8 host devices"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tok = build_synthetic_tokenizer()
+    cfg = tiny_model_config(tok)
+    d = str(tmp_path_factory.mktemp("data"))
+    recs = generate_records(24, seed=3, image_size=(56, 56))
+    build_dataset({"train": recs}, d, progress=False)
+    ip = ImageProcessor(min_pixels=28 * 28, max_pixels=28 * 28 * 64)
+    loader = make_loader(d, "train", tok, ip, cfg, PipelineConfig(batch_size=8, seq_buckets=(512,), patch_buckets=(16,),
+                                                                  max_steps=10, max_images=1, shuffle=False))
+    batch = next(iter(loader))
+    assert (batch["labels"] >= 0).sum() > 10 and (batch["labels"] == 0).any()
+    return tok, cfg, batch
+
+
+def _run_step(cfg, tok, batch, mesh, accum=1, steps=1, freeze_vision=False):
+    """Plain SGD: an elementwise update, so parameter differences are gradient differences (Adam
+    would turn float noise in near-zero gradients into +-lr steps)."""
+    model = PRMModel(Qwen25VL(cfg, rngs=nnx.Rngs(0)), ckpt.default_spec(tok))
+    graphdef, trainable, frozen = split_params(model, freeze_vision)
+    opt = optax.sgd(0.5)
+    state, state_sh = init_train_state(trainable, frozen, opt, mesh)
+    step = jit_train_step(make_train_step(graphdef, opt, accum=accum), state_sh)
+    for _ in range(steps):
+        state, metrics = step(state, shd.shard_batch(batch, mesh))
+    return jax.device_get(nnx.to_pure_dict(state["trainable"])), jax.device_get(metrics)
+
+
+def _assert_trees_close(a, b, atol):
+    for (pa, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)):
+        np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(pa))
+
+
+def test_sharded_step_equals_unsharded(setup):
+    tok, cfg, batch = setup
+    one = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    eight = shd.make_mesh(data=2, fsdp=2, tensor=2)
+    p1, m1 = _run_step(cfg, tok, batch, one, steps=2)
+    p8, m8 = _run_step(cfg, tok, batch, eight, steps=2)
+    # something is really sharded
+    sh = shd.param_shardings(nnx.state(PRMModel(Qwen25VL(cfg), ckpt.default_spec(tok)), nnx.Param), eight)
+    assert any(s.spec != jax.sharding.PartitionSpec(*([None] * len(s.spec))) for s in jax.tree.leaves(sh))
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    _assert_trees_close(p1, p8, atol=2e-5)
+
+
+def test_grad_accumulation_equals_big_batch(setup):
+    tok, cfg, batch = setup
+    mesh = shd.make_mesh(data=2, fsdp=1, tensor=1, devices=jax.devices()[:2])
+    big, mb = _run_step(cfg, tok, batch, mesh, accum=1)
+    acc, ma = _run_step(cfg, tok, batch, mesh, accum=4)
+    np.testing.assert_allclose(mb["loss"], ma["loss"], rtol=1e-5)
+    assert int(mb["steps"]) == int(ma["steps"])
+    _assert_trees_close(big, acc, atol=1e-5)
+
+
+def test_frozen_vision_does_not_move(setup):
+    tok, cfg, batch = setup
+    mesh = shd.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    trained, _ = _run_step(cfg, tok, batch, mesh, freeze_vision=True)
+    assert "visual" not in trained["backbone"]
+
+
+def _tiny_config(workdir, **train):
+    from configs import tiny
+
+    c = tiny.get_config()
+    c.workdir = workdir
+    c.data.synthetic_train, c.data.synthetic_eval = 48, 16
+    c.train.batch_size = 8
+    c.train.progress = False
+    c.train.export = False
+    c.train.async_checkpoint = True
+    c.train.eval_every = 1000
+    for k, v in train.items():
+        setattr(c.train, k, v)
+    return c
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    from jaxprm.train import train
+
+    full = _tiny_config(str(tmp_path / "full"), max_steps=9, save_every=3)
+    m_full = train(full)
+    assert m_full["step"] == 9
+
+    part = _tiny_config(str(tmp_path / "part"), max_steps=9, save_every=3)
+
+    def kill_at_7(step):
+        if step == 7:
+            raise Killed  # dies after step 7; last complete checkpoint is step 6
+
+    with pytest.raises(Killed):
+        train(part, step_hook=kill_at_7)
+    m_resumed = train(part)
+    assert m_resumed["step"] == 9
+    a = jax.tree.leaves(_params(str(tmp_path / "full")))
+    b = jax.tree.leaves(_params(str(tmp_path / "part")))
+    assert len(a) == len(b) > 10
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def _params(workdir):
+    model, _, _ = ckpt.load_prm_model(workdir)
+    return jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def test_config_validation_messages(tmp_path):
+    from jaxprm.train import ConfigError, validate_config
+
+    c = _tiny_config(str(tmp_path))
+    c.train.grad_accum = 3
+    c.model.remat = "sometimes"
+    with pytest.raises(ConfigError) as e:
+        validate_config(c)
+    assert "divisible by train.grad_accum" in str(e.value) and "model.remat" in str(e.value)
+    c = _tiny_config(str(tmp_path))
+    c.model.init = "hf"
+    with pytest.raises(ConfigError, match="model.hf_dir"):
+        validate_config(c)
+
+
+def test_tiny_config_learns(tmp_path):
+    """A short run of configs/tiny.py: the training loss falls and step macro-F1 on held-out
+    puzzles beats the best constant predictor on the same labels."""
+    from jaxprm.data.tfds_builder import read_records
+    from jaxprm.train import train
+
+    c = _tiny_config(str(tmp_path), epochs=2, eval_every=1000, log_every=10)
+    c.data.synthetic_train, c.data.synthetic_eval = 480, 80
+    c.train.batch_size = 16
+    c.train.export = True
+    losses = []
+    import jaxprm.train as T
+
+    orig = T._log_train
+
+    def spy(*a, **k):
+        out = orig(*a, **k)
+        losses.append(out["train/loss"])
+        return out
+
+    T._log_train = spy
+    try:
+        m = train(c)
+    finally:
+        T._log_train = orig
+    assert m["step"] == 60 and len(losses) == 6
+    assert losses[-1] < losses[0] - 0.05, losses
+    labels = [s.label for r in read_records(os.path.join(c.workdir, "data"), "validation") for s in r.steps
+              if s.label is not None][:]
+    p = float(np.mean(labels))  # share of "+" steps
+    best_constant = max(p / (1 + p), (1 - p) / (2 - p))  # macro-F1 of always "+" / always "-"
+    assert m["eval/macro_f1"] > best_constant + 0.1, (m["eval/macro_f1"], best_constant)
+    # the export loads as a PRM and scores a held-out solution
+    import jaxprm
+
+    prm = jaxprm.load_prm(os.path.join(c.workdir, "export"))
+    rec = next(read_records(os.path.join(c.workdir, "data"), "validation"))
+    scores = prm.score(rec.images[0], rec.question, [s.text for s in rec.steps])
+    assert scores.shape == (len(rec.steps),) and np.all((scores >= 0) & (scores <= 1))
