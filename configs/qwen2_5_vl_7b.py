@@ -14,7 +14,9 @@ def get_config():
     c.model.init = "hf"
     c.model.hf_dir = ""  # required: --config.model.hf_dir=...
     c.model.remat = "full"
-    c.optim.mu_dtype = "bfloat16"  # fits full fine-tuning on one 80GB card
+    # bf16 first moments save 2 bytes/param; fp32 master weights + grads + second moments still need
+    # ~14 bytes/param (~115 GB for 7B): use an fsdp mesh over several devices. One-card 7B is unmeasured.
+    c.optim.mu_dtype = "bfloat16"
     c.data.source = "records"
     c.data.format = "vlprm300k"
     c.data.label_rule = "hybrid"

@@ -508,6 +508,21 @@ def _progress(c, start, total):
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
+def maybe_initialize_distributed() -> None:
+    """Multi-host runs: ``jax.distributed.initialize`` before any JAX call.
+
+    On when ``JAXPRM_DISTRIBUTED=1`` (TPU pods, SLURM and Open MPI are auto-detected by JAX) or when
+    ``JAX_COORDINATOR_ADDRESS`` is set (then ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` are read
+    too). See launch/.
+    """
+    addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if addr:
+        jax.distributed.initialize(coordinator_address=addr, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
+    elif os.environ.get("JAXPRM_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+
+
 def main(argv=None):
     from absl import app, flags
     from ml_collections import config_flags
@@ -529,6 +544,7 @@ def main(argv=None):
             logging.getLogger(name).propagate = False
         if flags_.config is None:
             raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
+        maybe_initialize_distributed()
         try:
             metrics = train(flags_.config)
         except ConfigError as e:
