@@ -233,7 +233,6 @@ def random_backbone(cfg, dtype, attn_impl: str = "auto", seed: int = 0, host_lim
 
 def bench_jax(cfg, inp: dict, args) -> dict:
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from jaxprm.models.prm import PRMModel, PRMSpec

@@ -244,7 +244,7 @@ def train(c, *, step_hook=None) -> dict:
     import orbax.checkpoint as ocp
 
     from jaxprm.data.pipeline import make_loader
-    from jaxprm.models.prm import PRMModel, f1_from_counts
+    from jaxprm.models.prm import PRMModel
     from jaxprm.models.qwen2_5_vl import Qwen25VL, from_pretrained
     from jaxprm.optim import make_optimizer
 

@@ -64,6 +64,7 @@ from typing import Any, Union
 import numpy as np
 
 from jaxprm.data.schema import Record, RecordError
+from jaxprm.data.jsonl import BadLine, iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -206,28 +207,22 @@ class _Item:
 def _iter_jsonl(path: str, validate: bool) -> Iterator[_Item]:
     base = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            where = f"{name}:{lineno}"
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield _Item(where, where, error=f"malformed record: invalid JSON ({e})", base_dir=base)
-                continue
-            rid = d.get("id") if isinstance(d, dict) else None
-            rid_s = rid if isinstance(rid, str) and rid else "<no id>"
-            key = rid_s if rid_s != "<no id>" else where
-            try:
-                if validate:
-                    rec = Record.from_dict(d)
-                else:
-                    rec = _record_from_dict_unchecked(d)
-            except (RecordError, TypeError, ValueError, AttributeError) as e:
-                yield _Item(where, key, error=f"malformed record: {e}", rid=rid_s, base_dir=base)
-                continue
-            yield _Item(where, key, record=rec, rid=rid_s, base_dir=base)
+    for where, d in iter_jsonl(path, name=name):
+        if isinstance(d, BadLine):
+            yield _Item(where, where, error=f"malformed record: {d.message}", base_dir=base)
+            continue
+        rid = d.get("id") if isinstance(d, dict) else None
+        rid_s = rid if isinstance(rid, str) and rid else "<no id>"
+        key = rid_s if rid_s != "<no id>" else where
+        try:
+            if validate:
+                rec = Record.from_dict(d)
+            else:
+                rec = _record_from_dict_unchecked(d)
+        except (RecordError, TypeError, ValueError, AttributeError) as e:
+            yield _Item(where, key, error=f"malformed record: {e}", rid=rid_s, base_dir=base)
+            continue
+        yield _Item(where, key, record=rec, rid=rid_s, base_dir=base)
 
 
 def _record_from_dict_unchecked(d: Any) -> Record:

@@ -36,6 +36,7 @@ import math
 import os
 import re
 from typing import Any, Iterable, Sequence
+from jaxprm.data.jsonl import BadLine, iter_jsonl
 
 __all__ = [
     "BenchmarkFormatError",
@@ -761,14 +762,8 @@ def load_benchmark_jsonl(path: str, format: str = "generic", image_root: str | N
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
     stem = os.path.splitext(os.path.basename(path))[0]
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BenchmarkFormatError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-            out.append(_convert(row, format, root, where, f"{stem}-{lineno}"))
+    for where, row in iter_jsonl(path):
+        if isinstance(row, BadLine):
+            raise BenchmarkFormatError(row.message)
+        out.append(_convert(row, format, root, where, f"{stem}-{where.rsplit(':', 1)[1]}"))
     return out

@@ -50,6 +50,7 @@ import numpy as np
 from jaxprm.eval import answers as ans_lib
 from jaxprm.eval import bon_curve as bon_lib
 from jaxprm.eval import step_f1 as f1_lib
+from jaxprm.data.jsonl import BadLine, iter_jsonl
 
 DEFAULT_AGGREGATIONS = "mean,min,last,product,orm"
 SYNTHETIC_EVAL_SEED = 20240917  # far from the training data's default seed 0
@@ -188,24 +189,18 @@ def load_candidates(path: str) -> dict[str, list[str]]:
     """``{problem id: [solution text, ...]}`` from a candidates jsonl (later lines for the same id
     append). Errors name ``file:line``."""
     out: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            pid = next((row[k] for k in ("id", "pid", "problem_id") if row.get(k) is not None), None)
-            if pid is None:
-                raise InputError(f"{where}: missing 'id'")
-            cands = next((row[k] for k in _CANDIDATE_KEYS if k in row), None)
-            if not isinstance(cands, list):
-                raise InputError(f"{where}: missing list field 'candidates' (or one of {list(_CANDIDATE_KEYS[1:])})")
-            out.setdefault(str(pid), []).extend(_candidate_text(c, where, j) for j, c in enumerate(cands))
+    for where, row in iter_jsonl(path):
+        if isinstance(row, BadLine):
+            raise InputError(row.message)
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        pid = next((row[k] for k in ("id", "pid", "problem_id") if row.get(k) is not None), None)
+        if pid is None:
+            raise InputError(f"{where}: missing 'id'")
+        cands = next((row[k] for k in _CANDIDATE_KEYS if k in row), None)
+        if not isinstance(cands, list):
+            raise InputError(f"{where}: missing list field 'candidates' (or one of {list(_CANDIDATE_KEYS[1:])})")
+        out.setdefault(str(pid), []).extend(_candidate_text(c, where, j) for j, c in enumerate(cands))
     return out
 
 

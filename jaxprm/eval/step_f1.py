@@ -37,6 +37,7 @@ from collections import OrderedDict
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from jaxprm.data.jsonl import BadLine, iter_jsonl
 
 __all__ = [
     "CORRECT",
@@ -259,31 +260,25 @@ def load_visualprocessbench(path: str) -> list[dict]:
     ``response.process_correctness`` of equal length with values in {1, 0, -1}; errors name
     ``file:line``. Blank lines are skipped."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
+    for where, row in iter_jsonl(path):
+        if isinstance(row, BadLine):
+            raise ValueError(row.message)
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        resp = row.get("response")
+        if isinstance(resp, str):  # some exports keep the nested object as a JSON string
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            resp = row.get("response")
-            if isinstance(resp, str):  # some exports keep the nested object as a JSON string
-                try:
-                    resp = json.loads(resp)
-                except json.JSONDecodeError:
-                    raise ValueError(f"{where}: 'response' is a string that is not JSON") from None
-                row["response"] = resp
-            if not isinstance(resp, dict) or "steps" not in resp or "process_correctness" not in resp:
-                raise ValueError(f"{where}: missing 'response.steps' / 'response.process_correctness'")
-            steps, pc = resp["steps"], resp["process_correctness"]
-            if len(steps) != len(pc):
-                raise ValueError(f"{where}: {len(steps)} steps but {len(pc)} process_correctness labels")
-            bad = [v for v in pc if v not in (CORRECT, NEUTRAL, INCORRECT) or isinstance(v, bool)]
-            if bad:
-                raise ValueError(f"{where}: process_correctness values must be 1, 0 or -1, got {bad[0]!r}")
-            rows.append(row)
+                resp = json.loads(resp)
+            except json.JSONDecodeError:
+                raise ValueError(f"{where}: 'response' is a string that is not JSON") from None
+            row["response"] = resp
+        if not isinstance(resp, dict) or "steps" not in resp or "process_correctness" not in resp:
+            raise ValueError(f"{where}: missing 'response.steps' / 'response.process_correctness'")
+        steps, pc = resp["steps"], resp["process_correctness"]
+        if len(steps) != len(pc):
+            raise ValueError(f"{where}: {len(steps)} steps but {len(pc)} process_correctness labels")
+        bad = [v for v in pc if v not in (CORRECT, NEUTRAL, INCORRECT) or isinstance(v, bool)]
+        if bad:
+            raise ValueError(f"{where}: process_correctness values must be 1, 0 or -1, got {bad[0]!r}")
+        rows.append(row)
     return rows

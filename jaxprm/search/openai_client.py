@@ -495,12 +495,16 @@ class OpenAIChatClient:
         """Sample ``n`` completions for (image(s), question) — the policy interface used by
         best-of-N search. Asks for ``n`` choices in one request and tops up with further requests
         when a server returns fewer than asked."""
+        return self.chat_n(build_messages(image, question, system_prompt), n, **sampling)
+
+    def chat_n(self, messages: Sequence[dict], n: int, **kwargs: Any) -> list[str]:
+        """Exactly ``n`` choices for ``messages``: one request for all of them, topped up with further
+        requests when a server returns fewer than asked (some cap ``n``)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        messages = build_messages(image, question, system_prompt)
         out: list[str] = []
         for _ in range(n):  # bounded: each round returns at least one choice or fails
-            got = self.chat(messages, n=n - len(out), **sampling)
+            got = self.chat(messages, n=n - len(out), **kwargs)
             if not got:
                 raise APIError(f"server returned no choices for a request with n={n - len(out)}")
             out.extend(got)

@@ -183,17 +183,7 @@ class OpenAIPolicy(_ContinuingPolicy):
             sampling["max_tokens"] = sampling.pop("max_new_tokens")
         kw.update({k: v for k, v in sampling.items() if v is not None})
         messages, extra = self.messages(image, question, assistant_prefix)
-        out: list[str] = []
-        for _ in range(n):  # bounded: every round returns >= 1 choice or raises
-            got = self.client.chat(messages, n=n - len(out), stop=stop, **extra, **kw)
-            if not got:
-                from .openai_client import APIError
-
-                raise APIError(f"server returned no choices for a request with n={n - len(out)}")
-            out.extend(got)
-            if len(out) >= n:
-                break
-        return out[:n]
+        return self.client.chat_n(messages, n, stop=stop, **extra, **kw)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from jaxprm.data import labels as _labels
 from jaxprm.data.schema import PERCEPTION, REASONING, Record, RecordError
+from jaxprm.data.jsonl import BadLine, iter_jsonl
 
 log = logging.getLogger("jaxprm.data.formats")
 
@@ -65,15 +66,8 @@ def _files(path: str | os.PathLike) -> list[Path]:
 
 
 def _iter_jsonl(p: Path) -> Iterator[tuple[str, Any]]:
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            where = f"{p}:{lineno}"
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, RowError(f"{where}: invalid JSON: {e}")
+    for where, row in iter_jsonl(p):
+        yield where, RowError(row.message) if isinstance(row, BadLine) else row
 
 
 def _iter_json(p: Path) -> Iterator[tuple[str, Any]]:
