@@ -1,7 +1,6 @@
 """``python -m jaxprm.eval`` run in-process (``main(argv, prm=...)``) on small hand-made files with a
 stand-in PRM whose scores are written into the step texts, so every number can be checked by hand."""
 import json
-import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -12,30 +11,7 @@ from PIL import Image
 from jaxprm.data import synthetic as syn
 from jaxprm.eval.run import evaluate_synthetic, main
 
-
-class TagPRM:
-    """A step's score is its ``[p=...]`` tag (0.5 without one); a whole multi-step solution given as
-    one step (PRM as ORM) scores its ``[orm=...]`` tag."""
-
-    def __init__(self):
-        self.items = 0
-
-    @staticmethod
-    def _one(step):
-        m = re.search(r"\[orm=([0-9.]+)\]", step) if "\n\n" in step else None
-        m = m or re.search(r"\[p=([0-9.]+)\]", step)
-        return float(m.group(1)) if m else 0.5
-
-    def score(self, image, question, steps):
-        return np.asarray([self._one(s) for s in steps], np.float32)
-
-    def score_batch(self, items):
-        self.items += len(items)
-        return [self.score(*it) for it in items]
-
-    def score_candidates(self, image, question, candidates):
-        assert image is not None and question
-        return [self.score(image, question, c) for c in candidates]
+from tests.fakes import TagPRM
 
 
 def _png(path):
@@ -77,7 +53,7 @@ def test_bon_curves_on_hand_made_data(bench, capsys):
     tmp, data, cands = bench
     out = tmp / "out"
     rc = main(["bon", "--prm", "fake", "--data", data, "--candidates", cands, "--max-n", "64",
-               "--aggregate", "mean,min,last,product,orm", "--out", str(out), "--no-progress"], prm=TagPRM())
+               "--aggregate", "mean,min,last,product,orm", "--out", str(out), "--no-progress"], prm=TagPRM(require_image=True))
     assert rc == 0
     res = json.loads((out / "bon_results.json").read_text())
     png = (out / "bon_curve.png").read_bytes()
@@ -133,13 +109,13 @@ def test_bon_samples_candidates_with_an_openai_policy_and_reuses_them(bench):
             "--no-progress", "--policy", "openai", "--base-url", f"http://127.0.0.1:{srv.server_address[1]}/v1",
             "--model", "pol", "--max-retries", "0", "--temperature", "0.9"]
     try:
-        assert main(argv, prm=TagPRM()) == 0
+        assert main(argv, prm=TagPRM(require_image=True)) == 0
         assert len(srv.requests) == 2 and all(r["n"] == 4 and r["temperature"] == 0.9 for r in srv.requests)
         # the choices are shown to the policy
         assert "(B) dog" in srv.requests[1]["messages"][-1]["content"][-1]["text"]
         saved = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
         assert [r["id"] for r in saved] == ["p1", "p2"] and all(len(r["candidates"]) == 4 for r in saved)
-        assert main(argv, prm=TagPRM()) == 0  # everything cached: no new requests
+        assert main(argv, prm=TagPRM(require_image=True)) == 0  # everything cached: no new requests
         assert len(srv.requests) == 2
     finally:
         srv.shutdown()
@@ -156,15 +132,15 @@ def test_bon_reports_bad_input_with_file_and_line(bench, capsys):
     bad = tmp / "bad.jsonl"
     bad.write_text(json.dumps({"id": "p1", "candidates": ["x"]}) + "\n\n" + '{"id": "p2", "candidates": 3}\n')
     rc = main(["bon", "--prm", "fake", "--data", data, "--candidates", str(bad), "--out", str(tmp / "o"),
-               "--no-progress"], prm=TagPRM())
+               "--no-progress"], prm=TagPRM(require_image=True))
     assert rc == 2
     assert f"{bad}:3:" in capsys.readouterr().err
     rc = main(["bon", "--prm", "fake", "--data", data, "--candidates", str(bad), "--aggregate", "mean,median",
-               "--out", str(tmp / "o"), "--no-progress"], prm=TagPRM())
+               "--out", str(tmp / "o"), "--no-progress"], prm=TagPRM(require_image=True))
     assert rc == 2 and "median" in capsys.readouterr().err
     (tmp / "broken.jsonl").write_text('{"id": "p1", "question": "q", "answer": "1"}\n{"id": "p2"\n')
     rc = main(["bon", "--prm", "fake", "--data", str(tmp / "broken.jsonl"), "--candidates", str(bad),
-               "--out", str(tmp / "o"), "--no-progress"], prm=TagPRM())
+               "--out", str(tmp / "o"), "--no-progress"], prm=TagPRM(require_image=True))
     assert rc == 2 and f"{tmp / 'broken.jsonl'}:2:" in capsys.readouterr().err
 
 
@@ -179,7 +155,7 @@ def test_vpb_macro_f1_per_source(tmp_path, capsys):
          "response": {"steps": ["f [p=0.3]"], "process_correctness": [1]}},
     ]
     data = _jsonl(tmp_path / "vpb.jsonl", rows)
-    prm = TagPRM()
+    prm = TagPRM(require_image=True)
     rc = main(["vpb", "--prm", "fake", "--data", data, "--out", str(tmp_path / "out"), "--batch-size", "2",
                "--no-progress"], prm=prm)
     assert rc == 0 and prm.items == 3

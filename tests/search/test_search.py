@@ -1,6 +1,5 @@
 """Step splitting, best-of-N with every aggregation (PRM as ORM included), guided greedy search;
 with stand-in PRMs, and once with a real tiny PRM."""
-import re
 
 import numpy as np
 import pytest
@@ -11,31 +10,7 @@ from jaxprm.search.policy import ScriptedPolicy
 from jaxprm.search.search import EMPTY_SCORE, best_of_n, guided_greedy_search
 from jaxprm.search.steps import (clean_step, extract_final_answer, has_answer, join_steps, split_steps,
                                  split_steps_with_kinds)
-
-
-class TagPRM:
-    """Stand-in PRM: a step's score is the number in its ``[p=...]`` tag (0.5 without one); a
-    whole solution given as one step (PRM as ORM) scores its ``[orm=...]`` tag."""
-
-    def __init__(self):
-        self.calls = []
-
-    @staticmethod
-    def _one(step):
-        m = re.search(r"\[orm=([0-9.]+)\]", step) if "\n\n" in step else None
-        m = m or re.search(r"\[p=([0-9.]+)\]", step)
-        return float(m.group(1)) if m else 0.5
-
-    def score(self, image, question, steps):
-        return np.asarray([self._one(s) for s in steps], np.float32)
-
-    def score_batch(self, items):
-        self.calls.append(("score_batch", len(items)))
-        return [self.score(*it) for it in items]
-
-    def score_candidates(self, image, question, candidates):
-        self.calls.append(("score_candidates", [list(c) for c in candidates]))
-        return [self.score(image, question, c) for c in candidates]
+from tests.fakes import TagPRM
 
 
 # ------------------------------------------------------------------------------------------------
