@@ -91,6 +91,11 @@ def checkpoint_manager(workdir: str, *, max_to_keep: int | None = 3, save_interv
                                  item_names=item_names)
 
 
+def abstract(tree):
+    """ShapeDtypeStructs (with shardings where the leaves have them): what Orbax restores into."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
 def param_state(model) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
@@ -103,9 +108,7 @@ def restore_params(workdir: str, model, step: int | None = None) -> int:
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{workdir}: no checkpoints under {CHECKPOINTS}/")
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                            param_state(model))
-    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract(param_state(model)))))
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, restored["params"])
     nnx.update(model, state)

@@ -268,16 +268,14 @@ def train(c, *, step_hook=None) -> dict:
             return PRMModel(from_pretrained(c.model.hf_dir, **kw), spec)
         return PRMModel(Qwen25VL(model_cfg, rngs=nnx.Rngs(c.model.seed), **kw), spec)
 
-    abstract = nnx.eval_shape(build)
-    shardings = shd.param_shardings(nnx.state(abstract, nnx.Param), mesh)
-    if c.model.init == "hf":
+    if c.model.init == "hf":  # read the checkpoint once, then place it
         model = build()
-        state = nnx.state(model, nnx.Param)
-        nnx.update(model, jax.device_put(state, shardings))
-    else:
-        params = jax.jit(lambda: nnx.state(build(), nnx.Param), out_shardings=shardings)()
-        model = abstract
-        nnx.update(model, params)
+        params = nnx.state(model, nnx.Param)
+        nnx.update(model, jax.device_put(params, shd.param_shardings(params, mesh)))
+    else:  # initialise directly into the shardings, never whole on one device
+        model = nnx.eval_shape(build)
+        shardings = shd.param_shardings(nnx.state(model, nnx.Param), mesh)
+        nnx.update(model, jax.jit(lambda: nnx.state(build(), nnx.Param), out_shardings=shardings)())
     graphdef, trainable, frozen = split_params(model, c.model.freeze_vision)
 
     # -- data ------------------------------------------------------------------------------------------
@@ -318,7 +316,7 @@ def train(c, *, step_hook=None) -> dict:
     flops_tok, peak = estimate_flops_per_token(model_cfg), peak_flops()
     final: dict = {}
     bar = _progress(c, start, total_steps)
-    window = {"t": time.perf_counter(), "tokens": 0, "sums": {}}
+    window = {"t": time.perf_counter(), "sums": {}}
 
     def save(step: int, force: bool = False):
         params = nnx.merge_state(state["trainable"], state["frozen"])
@@ -380,11 +378,9 @@ def _restore(mngr, step, state, state_sh, graphdef, freeze_vision):
     import orbax.checkpoint as ocp
 
     params_full = nnx.merge_state(state["trainable"], state["frozen"])
-    pure = nnx.to_pure_dict(params_full)
-    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), pure)
-    abstract_opt = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state["opt_state"])
-    r = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params),
-                                                   opt_state=ocp.args.StandardRestore(abstract_opt),
+    r = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(ckpt.abstract(nnx.to_pure_dict(params_full))),
+        opt_state=ocp.args.StandardRestore(ckpt.abstract(state["opt_state"])),
                                                    data=ocp.args.JsonRestore()))
     nnx.replace_by_pure_dict(params_full, r["params"])
     model = nnx.merge(graphdef, params_full)

@@ -10,13 +10,10 @@ row is ever fully masked.
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-Impl = Literal["auto", "xla", "cudnn", "splash"]
 IMPLS = ("auto", "xla", "cudnn", "splash")
 
 
@@ -127,11 +124,3 @@ def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool 
     fn = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention}[resolve_impl(impl, q.dtype)]
     return fn(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal, scale=scale)
 
-
-def segment_ids_from_cu_seqlens(cu_seqlens, total: int) -> np.ndarray:
-    """Host-side: cumulative lengths [0, a, a+b, ...] -> per-token segment ids 0, 0, ..., 1, 1, ..."""
-    cu = np.asarray(cu_seqlens, dtype=np.int64)
-    ids = np.zeros(total, np.int32)
-    lengths = np.diff(cu)
-    ids[: cu[-1]] = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
-    return ids

@@ -110,10 +110,11 @@ class Qwen25VL(nnx.Module):
         b, l = ids.shape
         mask = np.ones((b, l), np.int32) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
         deltas = np.zeros(b, np.int64)
-        if image_grid_thw is not None:
+        grid = None if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3)
+        if grid is not None:
             m2 = cfg.vision.spatial_merge_size**2
             n_tok = int((ids == cfg.image_token_id).sum())
-            n_feat = int((np.asarray(image_grid_thw).reshape(-1, 3).prod(-1) // m2).sum())
+            n_feat = int((grid.prod(-1) // m2).sum())
             if n_tok != n_feat:
                 raise ValueError(f"Image features and image tokens do not match: {n_tok} <|image_pad|> tokens in "
                                  f"input_ids but image_grid_thw gives {n_feat} features")
@@ -121,17 +122,16 @@ class Qwen25VL(nnx.Module):
             pos = np.asarray(position_ids)
             if pos.ndim == 2:
                 pos = np.broadcast_to(pos[None], (3, b, l))
-        elif image_grid_thw is not None:
+        elif grid is not None:
             pos, deltas = rope.get_rope_index(
                 ids, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
-                spatial_merge_size=cfg.vision.spatial_merge_size, image_grid_thw=image_grid_thw,
+                spatial_merge_size=cfg.vision.spatial_merge_size, image_grid_thw=grid,
                 tokens_per_second=cfg.tokens_per_second, attention_mask=mask)
         else:  # transformers falls back to 0..L-1 on every axis when there is no image
             pos = np.broadcast_to(np.arange(l, dtype=np.int32)[None, None], (3, b, l))
         out = {"input_ids": ids.astype(np.int32), "position_ids": np.asarray(pos, np.int32),
                "segment_ids": mask, "rope_deltas": deltas}
-        if image_grid_thw is not None:
-            grid = np.asarray(image_grid_thw).reshape(-1, 3)
+        if grid is not None:
             v = cfg.vision
             out["vision_layout"] = rope.vision_layout(grid, merge=v.spatial_merge_size, window_size=v.window_size,
                                                       patch_size=v.patch_size).as_dict()
