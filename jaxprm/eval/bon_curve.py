@@ -19,7 +19,8 @@ likely n-subsets (drawn without replacement), computed exactly:
 This is the same "unbiased estimator over subsets" idea as pass@k (Chen et al. 2021, "Evaluating
 Large Language Models Trained on Code", ``1 - C(N - c, k) / C(N, k)``), which gives the oracle
 baseline here. ``bon_curve_sampled`` estimates the same quantity by drawing random subsets, and
-``majority_curve`` the self-consistency (majority vote) baseline by sampling.
+``majority_curve`` the self-consistency (majority vote) baseline by sampling (vectorised over the
+draws and every n, fast enough for each N in 1..64).
 
 Inputs: either ``scores`` and ``correct`` as two lists (one array per problem), or one list of
 problems each a sequence of ``(score, correct)`` pairs with ``correct=None``. Problems may have
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections import Counter
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -182,6 +182,55 @@ def bon_curve_sampled(
     return ns_arr, acc
 
 
+def _running_sum(x: np.ndarray) -> np.ndarray:
+    """In-place cumulative sum along axis 0, one vectorised add per row (numpy's ``cumsum`` along a
+    leading axis is many times slower); the additions run left to right, as ``cumsum``'s."""
+    for i in range(1, x.shape[0]):
+        np.add(x[i - 1], x[i], out=x[i])
+    return x
+
+
+def _majority_hits(classes: np.ndarray, correct: np.ndarray, weights: np.ndarray | None, ns: np.ndarray,
+                   perms: np.ndarray, ties: np.ndarray) -> np.ndarray:
+    """Majority-vote correctness of sampled subsets of one problem, every n at once: (S, len(ns)).
+
+    ``classes`` (N,): each candidate's answer as an index 0..G-1, -1 for no answer (no vote);
+    ``weights`` (N,) or None (one vote each); ``perms`` (S, >= max(ns)): row s lists the candidates of
+    draw s, its first n being draw s's n-subset; ``ties`` (S, len(ns)) uniforms in [0, 1): among the
+    W answers tied for the most votes, draw s at ``ns[j]`` takes the ``floor(ties[s, j] * W)``-th in
+    class order. The winner's correctness is the mean correctness of the subset's candidates that
+    gave it; a subset without any answer scores 0. Vote totals are summed in the subset's order, as
+    a running sum over the permutation (adding 0 for other answers leaves a float sum unchanged)."""
+    g = int(classes.max()) + 1 if classes.size else 0
+    if g == 0:  # nobody answered
+        return np.zeros((perms.shape[0], ns.size))
+    m = int(ns.max())
+    sub = np.ascontiguousarray(perms[:, :m].T)  # (m, S): running sums along the first axis
+    onehot = classes[sub][..., None] == np.arange(g)  # (m, S, G)
+    every = ns.size == m and bool(np.all(ns == np.arange(1, m + 1)))
+
+    def at_ns(x):  # (m, S, G) running sums -> (J, S, G) at the requested n
+        return x if every else x[ns - 1]
+
+    small = np.int16 if m < 2**15 else np.int32
+    count = at_ns(_running_sum(onehot.astype(small)))  # (J, S, G) the subset's members of each answer
+    right = at_ns(_running_sum((onehot & correct[sub][..., None]).astype(small)))  # ... the correct ones
+    if weights is None:  # integer votes; an answer is in the subset iff it has a vote
+        best = count.max(axis=-1, keepdims=True)
+        win = (count == best) & (best > 0)
+    else:
+        votes = at_ns(_running_sum(np.where(onehot, weights[sub][..., None], 0.0)))
+        votes[count == 0] = -np.inf
+        win = (votes == votes.max(axis=-1, keepdims=True)) & (count > 0)  # answers tied for the most votes
+    rank = _running_sum(np.moveaxis(win.astype(small), -1, 0))  # (G, J, S) view: 1-based rank of each winner
+    rank = np.moveaxis(rank, 0, -1)  # (J, S, G), in class order
+    n_win = rank[..., -1]  # 0 only when the subset has no answer
+    pick = np.minimum((ties.T * n_win).astype(np.int32), np.maximum(n_win - 1, 0))  # (J, S)
+    idx = np.argmax(win & (rank == pick[..., None] + 1), axis=-1)[..., None]
+    hit = np.take_along_axis(right, idx, -1)[..., 0] / np.maximum(np.take_along_axis(count, idx, -1)[..., 0], 1)
+    return np.where(n_win > 0, hit, 0.0).T  # (S, J)
+
+
 def majority_curve(
     answers: Sequence[Sequence[Any]],
     correct: Sequence[Sequence[bool]],
@@ -197,47 +246,43 @@ def majority_curve(
     is weighted. Ties between answers are broken uniformly at random; the winning answer's
     correctness is the mean correctness of the candidates that gave it (they normally agree).
     A subset with no answers at all counts as wrong. Sampled with ``num_samples`` subsets per
-    problem and n.
+    problem and n (drawn without replacement).
+
+    Vectorised over draws and n: per problem, ``num_samples`` random permutations of the candidates
+    are drawn once and the n-subset of draw s is the first n candidates of permutation s (so each
+    n still averages ``num_samples`` uniformly random n-subsets; the estimates at different n share
+    their draws), and running vote totals give every n in one pass. Cheap enough for every n in
+    1..64 on hundreds of problems (``ns`` defaults to 1..min N).
     """
     if len(answers) != len(correct):
         raise ValueError(f"got {len(answers)} answer lists but {len(correct)} correctness lists")
     if weights is not None and len(weights) != len(answers):
         raise ValueError(f"got {len(answers)} answer lists but {len(weights)} weight lists")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     probs = []
     for i, (a, c) in enumerate(zip(answers, correct)):
         a = list(a)
         c = np.asarray(c, dtype=bool).reshape(-1)
         if len(a) != c.size or c.size == 0:
             raise ValueError(f"problem {i}: {len(a)} answers but {c.size} correctness flags")
-        w = np.ones(c.size) if weights is None else np.asarray(weights[i], dtype=np.float64).reshape(-1)
-        if w.size != c.size:
+        w = None if weights is None else np.asarray(weights[i], dtype=np.float64).reshape(-1)
+        if w is not None and w.size != c.size:
             raise ValueError(f"problem {i}: {w.size} weights for {c.size} candidates")
-        probs.append((a, c, w))
+        ids: dict = {}
+        classes = np.asarray([-1 if x is None else ids.setdefault(x, len(ids)) for x in a], dtype=np.int64)
+        probs.append((classes, c, w))
+    if not probs:
+        raise ValueError("no problems given")
     ns_arr = _ns(ns, min(c.size for _, c, _ in probs))
     rng = np.random.default_rng(seed)
-    acc = np.zeros(ns_arr.size)
-    for j, n in enumerate(ns_arr):
-        per_problem = []
-        for a, c, w in probs:
-            hits = 0.0
-            for _ in range(num_samples):
-                idx = rng.choice(c.size, size=int(n), replace=False)
-                votes: Counter = Counter()
-                members: dict = {}
-                for k in idx:
-                    if a[k] is None:
-                        continue
-                    votes[a[k]] += w[k]
-                    members.setdefault(a[k], []).append(k)
-                if not votes:
-                    continue
-                best = max(votes.values())
-                winners = [ans for ans, v in votes.items() if v == best]
-                win = winners[rng.integers(len(winners))] if len(winners) > 1 else winners[0]
-                hits += float(np.mean(c[members[win]]))
-            per_problem.append(hits / num_samples)
-        acc[j] = float(np.mean(per_problem))
-    return ns_arr, acc
+    m = int(ns_arr.max())
+    per_problem = np.zeros((len(probs), ns_arr.size))
+    for i, (classes, c, w) in enumerate(probs):
+        perms = rng.permuted(np.broadcast_to(np.arange(c.size), (num_samples, c.size)), axis=1)[:, :m]
+        ties = rng.random((num_samples, ns_arr.size))
+        per_problem[i] = _majority_hits(classes, c, w, ns_arr, perms, ties).mean(axis=0)
+    return ns_arr, per_problem.mean(axis=0)
 
 
 # ----------------------------------------------------------------------------- plot

@@ -17,10 +17,11 @@ sampled (``--n-samples``, default ``--max-n``) and appended to the candidates fi
 Each candidate's answer is extracted (``answers.extract_answer``) and checked against the gold
 answer (``answers.is_correct``); the PRM scores each candidate's steps once per problem (and the
 whole solution as one step for ``orm``). Curves for N = 1..max-n: best-of-N for each aggregation
-(exact expectation over N-subsets of all of a problem's candidates, ``bon_curve``) and the pass@N
-oracle; majority vote (``majority_curve``, estimated from ``--majority-samples`` random subsets) at
-the table's N (1, 2, 4, ..., max-n). ``bon_results.json`` holds ``curves: {name: {ns, acc}}`` and
-per-problem predictions, correctness and scores; also writes ``DIR/bon_curve.png`` and prints a table.
+(exact expectation over N-subsets of all of a problem's candidates, ``bon_curve``), the pass@N
+oracle and majority vote (``majority_curve``, estimated from ``--majority-samples`` random subsets
+per problem and N). ``bon_results.json`` holds ``curves: {name: {ns, acc}}`` and per-problem
+predictions, correctness and scores; also writes ``DIR/bon_curve.png`` and prints a table (at N =
+1, 2, 4, ..., max-n).
 
 ``vpb``: scores every VisualProcessBench solution's steps and reports step macro-F1
 (``step_f1``) overall and per ``data_source``; writes ``DIR/vpb_results.json`` and
@@ -293,10 +294,9 @@ def evaluate_bon(prm, problems: list[dict], candidates: dict[str, list[str]], *,
     curves: dict[str, dict] = {}
     for how in aggregations:
         curves[f"bon_{how}"] = {"ns": ns, "acc": bon_lib.bon_curve(scores_all[how], correct_all, ns)[1].tolist()}
-    # majority vote is estimated by sampling subsets (slow in Python): only at the table's N
-    mns = _table_ns(max_n)
-    curves["majority"] = {"ns": mns, "acc": bon_lib.majority_curve(votes_all, correct_all, mns, num_samples=num_samples,
-                                                                   seed=seed)[1].tolist()}
+    # majority vote: estimated from sampled subsets (vectorised), at every N like the other curves
+    curves["majority"] = {"ns": ns, "acc": bon_lib.majority_curve(votes_all, correct_all, ns, num_samples=num_samples,
+                                                                  seed=seed)[1].tolist()}
     curves["pass@n"] = {"ns": ns, "acc": bon_lib.pass_at_n_curve(correct_all, ns)[1].tolist()}
     return {"n_problems": len(problems), "max_n": max_n, "ns": ns, "aggregations": list(aggregations),
             "curves": curves, "accuracy_at_1": float(np.mean([c.mean() for c in correct_all])),

@@ -22,6 +22,15 @@ and the host picks the label positions. The jitted functions are shared by all s
 has the same graph (architecture, dtype, head), and ``Scorer.trace_counts`` counts their traces, so
 tests can prove that no recompilation happens after warm-up.
 
+Incremental scoring (guided search) adds three: ``suffix_kv`` (``suffix`` that also returns the
+continuations' own K/V), ``append`` (write one continuation's K/V into a prefix cache at its
+length) and ``grow`` (pad a cache to a larger capacity). A ``KVCache`` (``Scorer.prefill``) has a
+capacity from ``prefix_buckets`` and a valid length; ``Scorer.score_cached`` scores continuations
+on it and ``Scorer.extend_cache`` appends a scored one, so a cache that grows step by step keeps a
+few known shapes. ``PRM.incremental_scorer(image, question)`` (``IncrementalScorer``) uses them to
+score the candidate next steps of a growing solution while the image, the question and the steps
+already taken run once.
+
 ``PRM`` (host side) builds the VL-PRM prompt (``jaxprm.data.prompt.encode_prm_example``), the
 image patches (``ImageProcessor``) and the 3D M-RoPE positions (``rope.get_rope_index``) and calls the
 scorer. ``score_candidates`` scores N solutions of one problem: the system turn, the image(s) and
@@ -44,12 +53,13 @@ import numpy as np
 from flax import nnx
 
 from jaxprm.data.preprocess import ImageProcessor
-from jaxprm.data.prompt import PRM_SYSTEM_PROMPT, encode_prm_example
+from jaxprm.data.prompt import POSITIVE_TOKEN, PRM_SYSTEM_PROMPT, build_messages, encode_prm_example, label_token_ids
+from jaxprm.data.tokenizer import QWEN_SPECIAL_TOKENS
 from jaxprm.models.prm import PRMModel, step_probs
 from jaxprm.models.qwen2_5_vl import rope
 from jaxprm.models.qwen2_5_vl.model import LAYOUT_KEYS
 
-__all__ = ["PRM", "Scorer", "TokenSequence", "load_prm", "bucket_size",
+__all__ = ["PRM", "Scorer", "TokenSequence", "IncrementalScorer", "KVCache", "SuffixKV", "load_prm", "bucket_size",
            "DEFAULT_LENGTH_BUCKETS", "DEFAULT_SUFFIX_BUCKETS", "DEFAULT_PATCH_BUCKETS", "DEFAULT_BATCH_BUCKETS"]
 
 DEFAULT_LENGTH_BUCKETS = (128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
@@ -129,14 +139,43 @@ class TokenSequence:
         return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
 
 
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """The K/V of a prefix on the device (``Scorer.prefill`` / ``Scorer.extend_cache``).
 
+    ``kv`` = (k, v), each (layers, 1, capacity, kv_heads, head_dim) with rotary already applied;
+    the first ``length`` slots hold the prefix, the rest are free (masked). ``capacity`` is a
+    prefix bucket, so a cache that grows by appended continuations keeps a few known shapes."""
+
+    kv: tuple
+    length: int
+
+    @property
+    def capacity(self) -> int:
+        return int(self.kv[0].shape[2])
+
+    def segment_ids(self) -> np.ndarray:
+        seg = np.zeros((1, self.capacity), np.int32)
+        seg[0, : self.length] = 1
+        return seg
+
+
+@dataclasses.dataclass(frozen=True)
+class SuffixKV:
+    """What scoring a continuation on a cache left behind (``Scorer.score_cached(..., keep_kv=True)``):
+    its chunk's K/V (each (layers, rows, suffix bucket, kv_heads, head_dim)), its row and its length,
+    enough to append it to the cache (``Scorer.extend_cache``) without running it again."""
+
+    kv: tuple
+    row: int
+    length: int
 
 
 # ------------------------------------------------------------------------------------------------
 # the jitted functions (shared per model graph)
 # ------------------------------------------------------------------------------------------------
 class _Compiled:
-    """The three jitted functions of one model graph, with a trace counter."""
+    """The jitted functions of one model graph, with a trace counter."""
 
     def __init__(self, graphdef):
         self.graphdef = graphdef
@@ -170,10 +209,40 @@ class _Compiled:
                                              past_kv=past, past_segment_ids=past_seg)
             return step_probs(model.head(h))
 
+        def suffix_kv(state, kv, past_segment_ids, batch):
+            # ``suffix`` that also returns the chunk's own K/V (layers, B, L, kv_heads, head_dim), so that
+            # a chosen continuation can be appended to the prefix cache without running it again
+            self.trace_counts["suffix_kv"] += 1
+            model = nnx.merge(gd, state)
+            b = batch["input_ids"].shape[0]
+            past = tuple(jnp.broadcast_to(x, (x.shape[0], b, *x.shape[2:])) for x in kv)
+            past_seg = jnp.broadcast_to(past_segment_ids, (b, past_segment_ids.shape[1]))
+            h, new_kv = model.backbone.hidden_states(batch["input_ids"], batch["position_ids"], batch["segment_ids"],
+                                                     past_kv=past, past_segment_ids=past_seg, return_kv=True)
+            return step_probs(model.head(h)), new_kv
+
+        def append(kv, offset, new_kv, row):
+            # write row ``row`` of a chunk's K/V into the cache at slots offset, offset + 1, ...; slots past
+            # the cache's capacity are dropped (they are the chunk's padding: the caller sizes the cache)
+            self.trace_counts["append"] += 1
+
+            def one(cache, new):
+                r = jax.lax.dynamic_index_in_dim(new, row, axis=1, keepdims=True)
+                idx = offset + jnp.arange(r.shape[2], dtype=jnp.int32)
+                return cache.at[:, :, idx].set(r.astype(cache.dtype), mode="drop")
+
+            return tuple(one(c, x) for c, x in zip(kv, new_kv))
+
+        def grow(kv, capacity):
+            self.trace_counts["grow"] += 1
+            return tuple(jnp.pad(x, ((0, 0), (0, 0), (0, capacity - x.shape[2]), (0, 0), (0, 0))) for x in kv)
+
         self.full, self.prefix, self.suffix = jax.jit(full), jax.jit(prefix), jax.jit(suffix)
+        self.suffix_kv, self.append = jax.jit(suffix_kv), jax.jit(append)
+        self.grow = jax.jit(grow, static_argnums=1)
 
     def cache_sizes(self) -> dict[str, int]:
-        return {n: getattr(self, n)._cache_size() for n in ("full", "prefix", "suffix")}
+        return {n: getattr(self, n)._cache_size() for n in ("full", "prefix", "suffix", "suffix_kv", "append", "grow")}
 
 
 _COMPILED: dict[Any, _Compiled] = {}
@@ -340,14 +409,34 @@ class Scorer:
         suffixes = list(suffixes)
         if not suffixes:
             return []
+        self._check_suffixes(suffixes)
+        return self.score_cached(self.prefill(prefix), suffixes)
+
+    # -- prefix caches (incremental scoring) -----------------------------------------------------
+    @staticmethod
+    def _check_suffixes(suffixes: Sequence[TokenSequence]) -> None:
         for s in suffixes:
             if s.pixel_values is not None:
                 raise ValueError("suffixes of a shared prefix cannot carry images; put them in the prefix")
+
+    def prefill(self, prefix: TokenSequence) -> KVCache:
+        """Run a prefix (with its images) once and keep its K/V (capacity: its prefix bucket)."""
         plen = bucket_size(len(prefix), self.prefix_buckets)
         pb = self._patches(prefix.num_patches)
         kv = self._fns.prefix(self.state, self._pack([prefix], 1, plen, pb))
-        past_seg = np.zeros((1, plen), np.int32)
-        past_seg[0, : len(prefix)] = 1
+        return KVCache(tuple(kv), len(prefix))
+
+    def score_cached(self, cache: KVCache, suffixes: Sequence[TokenSequence], *, keep_kv: bool = False):
+        """P(correct) at each suffix's ``label_positions`` (indices into the suffix), every suffix a text
+        continuation of the cached prefix (positions already offset). With ``keep_kv`` returns
+        ``(probs, kvs)``: also a ``SuffixKV`` per suffix, for ``extend_cache``."""
+        suffixes = list(suffixes)
+        self._check_suffixes(suffixes)
+        if not suffixes:
+            return ([], []) if keep_kv else []
+        plen = cache.capacity
+        past_seg = cache.segment_ids()
+        fn = self._fns.suffix_kv if keep_kv else self._fns.suffix
         order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
         pending = []
         i = 0
@@ -364,24 +453,43 @@ class Scorer:
                     break
             lb = bucket_size(max(len(suffixes[j]) for j in chunk), self.suffix_buckets)
             batch = self._pack([suffixes[j] for j in chunk], self._rows(len(chunk)), lb, 0)
-            pending.append((chunk, self._fns.suffix(self.state, kv, past_seg, batch)))
+            pending.append((chunk, fn(self.state, cache.kv, past_seg, batch)))  # async dispatch
         out: list[np.ndarray | None] = [None] * len(suffixes)
-        for chunk, probs in pending:
+        kvs: list[SuffixKV | None] = [None] * len(suffixes)
+        for chunk, res in pending:
+            probs, new_kv = res if keep_kv else (res, None)
             probs = np.asarray(probs)
             for r, j in enumerate(chunk):
                 out[j] = probs[r, suffixes[j].label_positions].astype(np.float32)
-        return out  # type: ignore[return-value]
+                if keep_kv:
+                    kvs[j] = SuffixKV(tuple(new_kv), r, len(suffixes[j]))
+        return (out, kvs) if keep_kv else out  # type: ignore[return-value]
+
+    def extend_cache(self, cache: KVCache, suffix: SuffixKV) -> KVCache:
+        """A new cache: ``cache`` followed by a scored continuation's K/V (nothing is run again). The
+        capacity grows to the prefix bucket of the new length when needed; ``cache`` is left as it is."""
+        n = cache.length + int(suffix.length)
+        cap = bucket_size(n, self.prefix_buckets)
+        kv = cache.kv
+        if cap > cache.capacity:
+            kv = self._fns.grow(kv, cap)
+        kv = self._fns.append(kv, np.int32(cache.length), suffix.kv, np.int32(suffix.row))
+        return KVCache(tuple(kv), n)
 
     # -- warm-up ---------------------------------------------------------------------------------
     def warmup(self, *, batch_sizes: Sequence[int] | None = None, lengths: Sequence[int] | None = None,
                patches: Sequence[int] | None = None, prefix_lengths: Sequence[int] | None = None,
                suffix_lengths: Sequence[int] | None = None, full: bool = True, shared: bool = True,
-               text_only: bool = True) -> int:
+               text_only: bool = True, incremental: bool = False) -> int:
         """Compile (by running dummy batches) every bucket combination, or the given subsets:
         ``full``: batch_sizes x lengths x (0 + patches); ``shared``: prefix_lengths x (0 + patches)
         and batch_sizes x suffix_lengths x prefix_lengths. Values are rounded to their buckets; 0
-        patches (the text-only variant) is included when ``text_only``. Returns the number of new
-        compilations. Dummy batches are run (an AOT ``lower().compile()`` would not fill jit's cache).
+        patches (the text-only variant) is included when ``text_only``. ``incremental`` (what
+        ``PRM.incremental_scorer``, i.e. guided search, runs): the prefixes as for ``shared``, scoring
+        with K/V kept and appending to a cache for batch_sizes x suffix_lengths x prefix_lengths
+        (the prefix buckets are the cache capacities), and growing a cache from each of those prefix
+        buckets to every larger one. Returns the number of new compilations. Dummy batches are run
+        (an AOT ``lower().compile()`` would not fill jit's cache).
 
         With the default buckets the full product is large (hundreds of programs); for a real model
         warm up what the workload needs, e.g. ``warmup(batch_sizes=[8], lengths=[1024, 2048],
@@ -410,6 +518,17 @@ class Scorer:
                 for n in sls:
                     for b in bs:
                         outs.append(self._fns.suffix(self.state, kv, past_seg, self._pack([], b, n, 0)))
+        if incremental:
+            for i, pl in enumerate(pls):
+                kv = None
+                for p in ps:
+                    kv = self._fns.prefix(self.state, self._pack([], 1, pl, p))
+                past_seg = np.zeros((1, pl), np.int32)
+                for n in sls:
+                    for b in bs:
+                        probs, new_kv = self._fns.suffix_kv(self.state, kv, past_seg, self._pack([], b, n, 0))
+                        outs += [probs, self._fns.append(kv, np.int32(0), new_kv, np.int32(0))]
+                outs += [self._fns.grow(kv, bigger) for bigger in pls[i + 1:]]
         jax.block_until_ready(outs)
         return self.num_compiles - before
 
@@ -448,6 +567,11 @@ class _Encoded:
     n_steps: int
     pixel_values: np.ndarray | None
     grid: np.ndarray | None
+    text: str = ""  # the chat-template string (image pads not expanded)
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.label_positions) < self.n_steps
 
 
 class PRM:
@@ -510,7 +634,8 @@ class PRM:
                                      video_token_id=cfg.video_token_id,
                                      spatial_merge_size=cfg.vision.spatial_merge_size, image_grid_thw=grid,
                                      tokens_per_second=cfg.tokens_per_second)
-        return _Encoded(ids, pos[:, 0].astype(np.int32), enc.label_positions.astype(np.int64), len(steps), pv, grid)
+        return _Encoded(ids, pos[:, 0].astype(np.int32), enc.label_positions.astype(np.int64), len(steps), pv, grid,
+                        enc.text)
 
     @staticmethod
     def _expand(e: _Encoded, probs: np.ndarray) -> np.ndarray:
@@ -551,6 +676,9 @@ class PRM:
         cand_steps = [_check_question_steps(question, c, f"candidates[{i}]") for i, c in enumerate(candidates)]
         pv, grid = self._images(image)
         encoded = [self._encode(pv, grid, question, s) for s in cand_steps]
+        return self._score_encoded(encoded, share_prefix)
+
+    def _score_encoded(self, encoded: Sequence[_Encoded], share_prefix: bool = True) -> list[np.ndarray]:
         cut = self.shared_prefix_length(encoded) if share_prefix else 0
         if cut <= 0:
             seqs = [TokenSequence(e.input_ids, e.position_ids, e.label_positions, e.pixel_values, e.grid)
@@ -583,9 +711,227 @@ class PRM:
                 return 0
         return cut
 
+    def incremental_scorer(self, image, question: str, *, check: bool = False) -> "IncrementalScorer":
+        """A scorer for one solution that grows step by step (guided search): see ``IncrementalScorer``."""
+        return IncrementalScorer(self, image, question, check=check)
+
     def warmup(self, **kwargs) -> int:
         """Compile the scorer's buckets ahead of time (see ``Scorer.warmup``); returns new compilations."""
         return self.scorer.warmup(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# incremental scoring of a solution that grows step by step (guided search)
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Continuation:
+    """A candidate of an ``IncrementalScorer`` call: its tokens after the cache and, once scored, its
+    probabilities and K/V (what committing it appends to the cache)."""
+
+    steps: list[str]  # the whole solution it scores: the call's steps + the candidate
+    ids: np.ndarray  # (n,) its tokens after the cached ones
+    pos: np.ndarray  # (3, n) their M-RoPE positions
+    labels: np.ndarray  # its label positions, indices into ``ids``
+    text: str  # the chat-template string of the whole conversation through its assistant turn
+    probs: np.ndarray | None = None
+    kv: SuffixKV | None = None
+
+
+class IncrementalScorer:
+    """Scores candidate next steps of one solution that grows a step at a time, reusing the work of the
+    earlier calls (``PRM.incremental_scorer(image, question)``; what ``guided_greedy_search`` uses).
+
+    ``score_next(steps, candidates)`` returns, for every candidate, the per-step scores of
+    ``steps + [candidate]``: the same as ``prm.score_candidates(image, question, [steps + [c] for c in
+    candidates])`` up to float rounding. The image is preprocessed once. The prompt so far (system
+    turn, image(s), question and the steps already taken) stays on the device as a K/V cache
+    (``KVCache``, capacity bucketed by ``prefix_buckets``), and a call runs only the candidates' own
+    turns on it (``Scorer.score_cached``). When a call's ``steps`` are the previous call's ``steps``
+    plus one of its candidates, that candidate's K/V, computed while scoring it, is appended to the
+    cache (``Scorer.extend_cache``): the vision tower and the question run once per search and each
+    chosen step's tokens are run once. The scores of the steps already taken (their label positions
+    lie in the cache) are the ones computed when they were candidates.
+
+    Exactness: a continuation is scored on the cache only when its tokens begin with exactly the
+    cached tokens (same ids and positions, the same label positions before the cut, no image tokens
+    after it); otherwise the cache is rebuilt from scratch for that call (``stats["rebuilds"]``). Once
+    the cache holds whole turns, a candidate's tokens are found by rendering the whole conversation
+    with the chat template (which must render it prefix by prefix: the cached conversation's text is a
+    prefix of it) and tokenizing only the text after the cached conversation, which must begin with a
+    special token (``<|im_start|>`` of the candidate's user turn): a tokenizer splits its input at
+    special tokens first, so the whole text tokenizes to the cached tokens followed by these. The
+    first such split of a scorer (every one with ``check=True``) is compared with the full
+    ``encode_prm_example`` encoding; if they ever differ, every candidate is encoded in full from then
+    on (still checked against the cache token by token). A call where some candidate loses steps to
+    ``max_length`` is scored without the cache, as ``score_candidates`` does (NaN for dropped steps).
+
+    Create a new one after changing the PRM's weights (the cache holds K/V of the old ones).
+    """
+
+    def __init__(self, prm: PRM, image, question: str, *, check: bool = False):
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a string, got {type(question).__name__}")
+        self.prm, self.question, self.check = prm, question, bool(check)
+        self.pixel_values, self.grid = prm._images(image)
+        cfg = prm.config
+        self._image_ids = np.asarray(sorted({int(i) for i in (cfg.image_token_id, cfg.video_token_id)
+                                             if i is not None}), np.int64)
+        self._num_images = 0 if self.grid is None else int(len(self.grid))
+        self._plus_id = label_token_ids(prm.tokenizer)[0]  # encode_prm_example's placeholder in "score" mode
+        self._split = bool(getattr(prm.tokenizer, "is_fast", False))  # tokenize only the new turn's text
+        self._split_checked = False
+        self.stats: collections.Counter = collections.Counter()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cache: KVCache | None = None
+        self._ids = np.zeros((0,), np.int32)
+        self._pos = np.zeros((3, 0), np.int32)
+        self._labels = np.zeros((0,), np.int64)
+        self._scores = np.zeros((0,), np.float32)
+        self._steps: list[str] | None = None  # the steps the cache was built for
+        self._text = ""  # the chat-template text of the cached tokens when they end with a whole turn
+        self._pending: dict[str, _Continuation] = {}
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens held in the K/V cache (0 before the first call)."""
+        return 0 if self._cache is None else self._cache.length
+
+    # -- public ----------------------------------------------------------------------------------
+    def score_next(self, steps: Sequence[str], candidates: Sequence[str]) -> list[np.ndarray]:
+        """Per-step P(correct) of ``steps + [c]`` for every candidate step ``c`` (float32 arrays of
+        ``len(steps) + 1`` scores), reusing the cache (see the class docstring)."""
+        for name, v in (("steps", steps), ("candidates", candidates)):
+            if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
+                raise TypeError(f"{name} must be a list of step strings, got {type(v).__name__}")
+        steps, cands = list(steps), list(candidates)
+        if not cands:
+            return []
+        lists = [_check_question_steps(self.question, steps + [c], f"candidates[{i}]") for i, c in enumerate(cands)]
+        self._sync(steps)
+        conts = None
+        if self._cache is not None:
+            conts = self._continue(steps, cands)
+            if conts is None:
+                self.stats["rebuilds"] += 1
+                self._reset()
+        if conts is None:
+            encoded = [self.prm._encode(self.pixel_values, self.grid, self.question, sl) for sl in lists]
+            cut = 0 if any(e.truncated for e in encoded) else self.prm.shared_prefix_length(encoded)
+            if cut <= 0:  # nothing to cache: score as score_candidates does
+                self.stats["uncached"] += 1
+                return self.prm._score_encoded(encoded)
+            e0 = encoded[0]
+            self._cache = self.prm.scorer.prefill(TokenSequence(e0.input_ids[:cut], e0.position_ids[:, :cut], [],
+                                                                e0.pixel_values, e0.grid))
+            self.stats["prefills"] += 1
+            self._ids, self._pos, self._steps = e0.input_ids[:cut], e0.position_ids[:, :cut], steps
+            conts = [self._from_encoding(e, sl) for e, sl in zip(encoded, lists)]
+            if any(c is None for c in conts):  # pragma: no cover - shared_prefix_length guarantees it
+                raise RuntimeError("a candidate does not continue the shared prefix; this is a bug")
+        probs, kvs = self.prm.scorer.score_cached(
+            self._cache, [TokenSequence(c.ids, c.pos, c.labels) for c in conts], keep_kv=True)
+        out = []
+        for c, p, kv in zip(conts, probs, kvs):
+            c.probs, c.kv = p, kv
+            full = np.concatenate([self._scores, p]).astype(np.float32)
+            if full.shape[0] != len(c.steps):  # pragma: no cover
+                raise RuntimeError(f"{full.shape[0]} scores for {len(c.steps)} steps; this is a bug")
+            out.append(full)
+            self._pending.setdefault(c.steps[-1], c)
+        self.stats["scored"] += len(conts)
+        return out
+
+    # -- the cache -------------------------------------------------------------------------------
+    def _sync(self, steps: list[str]) -> None:
+        """Bring the cache to ``steps``: keep it, append the previous call's candidate that ``steps``
+        ends with, or drop it."""
+        pending, self._pending = self._pending, {}
+        if self._cache is None or steps == self._steps:
+            return
+        prev = self._steps
+        if prev is not None and len(steps) == len(prev) + 1 and steps[:-1] == prev and steps[-1] in pending:
+            c = pending[steps[-1]]
+            n = len(self._ids)
+            self._cache = self.prm.scorer.extend_cache(self._cache, c.kv)
+            self._ids = np.concatenate([self._ids, c.ids])
+            self._pos = np.concatenate([self._pos, c.pos], axis=1)
+            self._labels = np.concatenate([self._labels, c.labels + n])
+            self._scores = np.concatenate([self._scores, c.probs]).astype(np.float32)
+            self._steps, self._text = list(c.steps), c.text
+            self.stats["appends"] += 1
+            return
+        self.stats["resets"] += 1
+        self._reset()
+
+    def _continue(self, steps: list[str], cands: list[str]) -> list[_Continuation] | None:
+        """Every candidate as a continuation of the cache, or None if one is not."""
+        out = []
+        for c in cands:
+            sl = steps + [c]
+            cont = self._from_split(sl) if self._split and self._text else None
+            if cont is not None and (self.check or not self._split_checked):
+                ref = self._from_encoding(self.prm._encode(self.pixel_values, self.grid, self.question, sl), sl)
+                self._split_checked = True
+                if ref is None or not (np.array_equal(ref.ids, cont.ids) and np.array_equal(ref.pos, cont.pos)
+                                       and np.array_equal(ref.labels, cont.labels) and ref.text == cont.text):
+                    self.stats["split_mismatch"] += 1
+                    self._split = False
+                    cont = ref
+            if cont is None:
+                cont = self._from_encoding(self.prm._encode(self.pixel_values, self.grid, self.question, sl), sl)
+            if cont is None:
+                return None
+            out.append(cont)
+        return out
+
+    def _from_encoding(self, e: _Encoded, steps: list[str]) -> _Continuation | None:
+        """The tokens of a full encoding after the cache, if they continue it exactly."""
+        n = len(self._ids)
+        if e.truncated or len(e.input_ids) <= n:
+            return None
+        if not (np.array_equal(e.input_ids[:n], self._ids) and np.array_equal(e.position_ids[:, :n], self._pos)):
+            return None
+        lab = e.label_positions
+        if not np.array_equal(lab[lab < n], self._labels) or np.isin(e.input_ids[n:], self._image_ids).any():
+            return None
+        return _Continuation(list(steps), e.input_ids[n:], e.position_ids[:, n:], lab[lab >= n] - n, e.text)
+
+    def _from_split(self, steps: list[str]) -> _Continuation | None:
+        """The new turn's tokens from the text after the cached conversation (see the class docstring);
+        None where that does not apply (the caller then encodes the whole conversation)."""
+        prm, tok = self.prm, self.prm.tokenizer
+        if any(t in steps[-1] for t in QWEN_SPECIAL_TOKENS):
+            return None  # the full encoding raises the proper error
+        msgs = build_messages(self.question, steps, num_images=self._num_images, placeholder=POSITIVE_TOKEN,
+                              system_prompt=prm.system_prompt)
+        full = tok.apply_chat_template(msgs, tokenize=False)
+        head = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+        base = self._text
+        if not (head.startswith(base) and full.startswith(head)
+                and full[len(head): len(head) + len(POSITIVE_TOKEN)] == POSITIVE_TOKEN):
+            return None
+        rest = full[len(base):]
+        if not rest.startswith(QWEN_SPECIAL_TOKENS):
+            return None
+        enc = tok(rest, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], np.int32)
+        offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+        at = len(head) - len(base)
+        j = int(np.searchsorted(offsets[:, 0], at))
+        if not (1 <= j < len(ids) and ids[j] == self._plus_id and offsets[j, 0] == at
+                and offsets[j, 1] == at + len(POSITIVE_TOKEN)):
+            return None
+        if np.isin(ids, self._image_ids).any():
+            return None
+        if prm.max_length is not None and len(self._ids) + len(ids) > prm.max_length:
+            return None
+        last = self._pos[:, -1]
+        if not (last == last[0]).all() or np.isin(self._ids[-1:], self._image_ids).any():
+            return None  # text after text: positions count on by one on every axis (rope.get_rope_index)
+        pos = np.broadcast_to(int(last[0]) + 1 + np.arange(len(ids), dtype=np.int32), (3, len(ids)))
+        return _Continuation(list(steps), ids, pos.astype(np.int32), np.asarray([j - 1], np.int64), full)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ solution given to it as a single step and that step's probability taken as the s
 
 ``guided_greedy_search(prm, policy, image, question, k=16, max_steps=12)`` builds a solution one
 step at a time: each iteration the policy proposes ``k`` next steps, the PRM scores every
-candidate prefix (``prm.score_candidates``, which shares the common prefix), and the step whose
+candidate prefix (``prm.score_candidates``, which shares the common prefix; or, for a PRM with
+``incremental_scorer``, a K/V cache of the prompt and the steps kept so far, extended by the
+chosen step each iteration, so only the candidates' own tokens run), and the step whose
 prefix aggregates best (by default the new step's own score, ``"last"``: the PRM judges the
 correctness of the whole solution up to a step) is kept. It stops when the kept step states a
 final answer (``\\boxed{}``), when the policy has nothing more to say (every candidate empty), or
@@ -17,7 +19,9 @@ after ``max_steps`` steps.
 
 The PRM is anything with ``score(image, question, steps)``, ``score_batch(items)`` and
 ``score_candidates(image, question, list_of_step_lists)`` returning per-step probabilities
-(``jaxprm.search.scorer.PRM``).
+(``jaxprm.search.scorer.PRM``), optionally ``incremental_scorer(image, question)`` returning an
+object whose ``score_next(steps, candidate_steps)`` scores ``steps + [c]`` for every candidate
+(``scorer.IncrementalScorer``).
 """
 from __future__ import annotations
 
@@ -89,6 +93,20 @@ def _as_text(candidate) -> str:
     return candidate.strip() if isinstance(candidate, str) else join_steps(list(candidate)).strip()
 
 
+def _checked(got, lists: list[list[str]]) -> list[np.ndarray]:
+    """The PRM's score arrays as float64, checked against the step lists they score."""
+    got = list(got)
+    if len(got) != len(lists):
+        raise RuntimeError(f"the PRM returned {len(got)} score arrays for {len(lists)} candidates")
+    out = []
+    for g, steps in zip(got, lists):
+        g = np.asarray(g, np.float64).reshape(-1)
+        if g.shape[0] != len(steps):
+            raise RuntimeError(f"the PRM returned {g.shape[0]} scores for a candidate with {len(steps)} steps")
+        out.append(g)
+    return out
+
+
 def _score_lists(prm, image, question, step_lists: list[list[str]]) -> list[np.ndarray]:
     idx = [i for i, s in enumerate(step_lists) if s]
     out = [np.zeros(0, np.float64) for _ in step_lists]
@@ -99,12 +117,7 @@ def _score_lists(prm, image, question, step_lists: list[list[str]]) -> list[np.n
         got = prm.score_candidates(image, question, lists)
     else:
         got = prm.score_batch([(image, question, s) for s in lists])
-    if len(got) != len(lists):
-        raise RuntimeError(f"the PRM returned {len(got)} score arrays for {len(lists)} candidates")
-    for i, g in zip(idx, got):
-        g = np.asarray(g, np.float64).reshape(-1)
-        if g.shape[0] != len(step_lists[i]):
-            raise RuntimeError(f"the PRM returned {g.shape[0]} scores for a candidate with {len(step_lists[i])} steps")
+    for i, g in zip(idx, _checked(got, lists)):
         out[i] = g
     return out
 
@@ -159,17 +172,31 @@ def best_of_n(prm, image, question: str, candidates: Sequence, aggregate: str = 
 
 def guided_greedy_search(prm, policy, image, question: str, k: int = 16, max_steps: int = 12,
                          aggregate: str = "last", dedupe: bool = True, progress: bool = False,
-                         **sampling) -> SearchResult:
+                         incremental: bool | None = None, **sampling) -> SearchResult:
     """Greedy step-level search guided by the PRM (see the module docstring).
 
     ``sampling`` goes to ``policy.sample_next_steps`` (temperature, top_p, max_new_tokens, ...).
     ``dedupe`` scores identical candidate steps once. Each ``trace`` entry holds ``step`` (the
     iteration), ``candidates`` (raw texts), ``scores`` (each candidate prefix's step scores),
     ``aggregated`` and ``chosen`` (index into ``candidates``; None when all were empty).
+
+    ``incremental``: score through ``prm.incremental_scorer(image, question)`` (``scorer.PRM`` has
+    it: the prompt and the steps already chosen stay in a K/V cache, each iteration runs only the
+    candidates' turns; same scores as scoring every candidate prefix from scratch). ``None`` (default)
+    uses it when the PRM has it, ``True`` requires it, ``False`` scores every iteration from scratch
+    with ``prm.score_candidates``.
     """
     _check_how(aggregate, allow_orm=False)
     if k < 1 or max_steps < 1:
         raise ValueError(f"k and max_steps must be >= 1, got k={k}, max_steps={max_steps}")
+    session = None
+    if incremental is None or incremental:
+        make = getattr(prm, "incremental_scorer", None)
+        if make is not None:
+            session = make(image, question)
+        elif incremental:
+            raise TypeError(f"incremental=True needs a PRM with incremental_scorer(image, question); "
+                            f"{type(prm).__name__} has none")
     raw: list[str] = []
     clean: list[str] = []
     step_scores = np.zeros(0)
@@ -193,7 +220,10 @@ def guided_greedy_search(prm, policy, image, question: str, k: int = 16, max_ste
             trace.append({"step": t, "candidates": cands, "scores": [], "aggregated": [], "chosen": None})
             break
         lists = [clean + [clean_step(c)] for c in uniq]
-        scores = _score_lists(prm, image, question, lists)
+        if session is not None:
+            scores = _checked(session.score_next(list(clean), [sl[-1] for sl in lists]), lists)
+        else:
+            scores = _score_lists(prm, image, question, lists)
         agg = aggregate_scores(scores, aggregate)
         j = int(np.argmax(agg))
         trace.append({"step": t, "candidates": uniq, "scores": [s.tolist() for s in scores],
