@@ -64,6 +64,24 @@ def _labels(batch, steps, seed=0):
     return np.random.default_rng(seed).integers(0, 2, (batch, steps)).astype(np.int32)
 
 
+def make_batch(cfg, inp) -> dict:
+    """The pipeline's batch format (per-row vision arrays) for ``score_bench.make_inputs`` output."""
+    from jaxprm.models.qwen2_5_vl import rope
+
+    b, l = inp["input_ids"].shape
+    batch = {"input_ids": inp["input_ids"], "position_ids": inp["position_ids"],
+             "segment_ids": np.ones((b, l), np.int32),
+             "label_positions": np.broadcast_to(inp["label_positions"], (b, len(inp["label_positions"]))).astype(np.int32),
+             "labels": _labels(b, len(inp["label_positions"]))}
+    if inp["pixel_values"] is not None:
+        v = cfg.vision
+        lay = rope.vision_layout(inp["grid"][None], merge=v.spatial_merge_size, window_size=v.window_size,
+                                 patch_size=v.patch_size).as_dict()
+        batch["pixel_values"] = inp["pixel_values"].astype(np.float32)
+        batch.update({k: np.repeat(a[None], b, 0) for k, a in lay.items()})
+    return batch
+
+
 def bench_hf(cfg, inp, args) -> dict:
     import torch
     import transformers
@@ -126,7 +144,7 @@ def bench_jax(cfg, inp, args) -> dict:
 
     from jaxprm import sharding as shd
     from jaxprm.models.prm import PRMModel, PRMSpec
-    from jaxprm.models.qwen2_5_vl import Qwen25VL, rope
+    from jaxprm.models.qwen2_5_vl import Qwen25VL
     from jaxprm.optim import make_optimizer
     from jaxprm.train import estimate_flops_per_token, peak_flops
     from jaxprm.train_step import init_train_state, jit_train_step, make_train_step, split_params
@@ -148,17 +166,8 @@ def bench_jax(cfg, inp, args) -> dict:
     state, state_sh = init_train_state(trainable, frozen, opt, mesh)
     step = jit_train_step(make_train_step(graphdef, opt, accum=args.grad_accum), state_sh)
 
+    batch = make_batch(cfg, inp)
     b, l = inp["input_ids"].shape
-    batch = {"input_ids": inp["input_ids"], "position_ids": inp["position_ids"],
-             "segment_ids": np.ones((b, l), np.int32),
-             "label_positions": np.broadcast_to(inp["label_positions"], (b, len(inp["label_positions"]))).astype(np.int32),
-             "labels": _labels(b, len(inp["label_positions"]))}
-    if inp["pixel_values"] is not None:
-        v = cfg.vision
-        lay = rope.vision_layout(inp["grid"][None], merge=v.spatial_merge_size, window_size=v.window_size,
-                                 patch_size=v.patch_size).as_dict()
-        batch["pixel_values"] = inp["pixel_values"].astype(np.float32)
-        batch.update({k: np.repeat(a[None], b, 0) for k, a in lay.items()})
     batch = shd.shard_batch(batch, mesh)
     t0 = time.perf_counter()
     state, m = step(state, batch)

@@ -11,7 +11,7 @@ def get_config():
     c.model.hf_dir = ""  # HF Qwen2.5-VL directory (config.json, safetensors, tokenizer, preprocessor_config.json)
     c.model.preset = ""  # "tiny" (embedded task), "qwen2.5-vl-3b", "qwen2.5-vl-7b" (random init only)
     c.model.dtype = "bfloat16"  # compute dtype
-    c.model.param_dtype = "float32"  # master weights
+    c.model.param_dtype = "float32"  # master weights; "bfloat16" halves them (see optim.rounding)
     c.model.attn_impl = "auto"  # auto | xla | cudnn | splash
     c.model.remat = "none"  # none | full | dots | dots_no_batch | save_out
     c.model.freeze_vision = False
@@ -50,11 +50,13 @@ def get_config():
     c.optim.eps = 1e-8
     c.optim.weight_decay = 1e-4
     c.optim.clip = 1.0
-    c.optim.mu_dtype = "float32"  # "bfloat16": first moment in bf16
+    c.optim.mu_dtype = "float32"  # "bfloat16": first moment in bf16 (the second follows model.param_dtype)
+    c.optim.rounding = "stochastic"  # how updates are written to bf16 weights: stochastic | nearest
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 64  # global rows per optimizer step
     c.train.grad_accum = 1  # micro-batches per step (scan)
+    c.train.grad_accum_dtype = "float32"  # gradient accumulator when grad_accum > 1
     c.train.epochs = 2
     c.train.max_steps = 0  # > 0: stop after this many steps (the schedule still spans the epochs)
     c.train.class_weights = (1.0, 1.0)  # weight of "+" and "-" steps in the loss

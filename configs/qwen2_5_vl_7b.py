@@ -14,6 +14,7 @@ def get_config():
     c.workdir = "runs/vlprm_7b"
     c.model.remat = "full"
     # bf16 first moments save 2 bytes/param; fp32 master weights + grads + second moments still need
-    # ~14 bytes/param (~115 GB for 7B): use an fsdp mesh over several devices. One-card 7B is unmeasured.
+    # ~14 bytes/param (~107 GB for 7B): shard over several devices (fsdp). For ONE 80 GB card use
+    # configs/qwen2_5_vl_7b_one_card.py (bf16 weights with stochastic rounding).
     c.optim.mu_dtype = "bfloat16"
     return c

@@ -25,6 +25,7 @@ from flax import nnx
 from jaxprm import checkpointing as ckpt
 from jaxprm import sharding as shd
 from jaxprm.train_step import init_train_state, jit_train_step, make_eval_step, make_train_step, split_params
+from jaxprm.optim import ROUNDINGS
 
 log = logging.getLogger("jaxprm.train")
 
@@ -78,6 +79,9 @@ def validate_config(c) -> None:
     need(0 <= o.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")
     need(o.schedule in ("cosine", "linear", "constant"), f"optim.schedule must be cosine, linear or constant, got {o.schedule!r}")
     need(o.mu_dtype in ("float32", "bfloat16"), f"optim.mu_dtype must be float32 or bfloat16, got {o.mu_dtype!r}")
+    need(o.rounding in ROUNDINGS, f"optim.rounding must be one of {ROUNDINGS}, got {o.rounding!r}")
+    need(t.grad_accum_dtype in ("float32", "bfloat16"),
+         f"train.grad_accum_dtype must be float32 or bfloat16, got {t.grad_accum_dtype!r}")
     need(t.batch_size > 0 and t.grad_accum > 0, "train.batch_size and train.grad_accum must be > 0")
     need(t.batch_size % t.grad_accum == 0,
          f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
@@ -309,7 +313,9 @@ def train(c, *, step_hook=None) -> dict:
         log.info("resumed from %s at step %d", os.path.join(c.workdir, ckpt.CHECKPOINTS), start)
 
     train_step = jit_train_step(make_train_step(graphdef, optimizer, accum=c.train.grad_accum,
-                                                class_weights=tuple(c.train.class_weights)), state_sh)
+                                                class_weights=tuple(c.train.class_weights),
+                                                accum_dtype=c.train.grad_accum_dtype, rounding=c.optim.rounding,
+                                                seed=c.model.seed), state_sh)
     eval_step = jax.jit(make_eval_step(graphdef, class_weights=tuple(c.train.class_weights)))
 
     writer = _writer(c.workdir)

@@ -5,7 +5,12 @@ The train state is a plain dict: ``trainable`` / ``frozen`` (NNX param states), 
 batches and ``lax.scan`` sums their gradients. The loss of every micro-batch is normalised by the
 label weight of the *whole* batch (known from the labels before any forward pass), so the summed
 gradient equals the gradient of the big-batch loss exactly. Micro-batch j takes rows j, j+A, ...
-so each micro-batch stays spread over all data-parallel devices.
+so each micro-batch stays spread over all data-parallel devices. With ``accum=1`` there is no scan
+and no accumulator (one gradient-sized buffer less, which matters at 7B on one card).
+
+Gradients are upcast to fp32 before the optimizer (a no-op for fp32 master weights), so clipping,
+Adam and weight decay run in fp32 also for bf16 weights, which are then written back with
+stochastic rounding (``jaxprm.optim.apply_updates``).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import optax
 from flax import nnx
 
 from jaxprm.models.prm import step_loss
+from jaxprm.optim import apply_updates
 
 BATCH_AXIS = {"position_ids": 1}
 
@@ -42,7 +48,15 @@ def microbatches(batch: dict, accum: int) -> dict:
     return {k: one(k, v) for k, v in batch.items()}
 
 
-def make_train_step(graphdef, optimizer, *, accum: int = 1, class_weights=(1.0, 1.0)):
+def make_train_step(graphdef, optimizer, *, accum: int = 1, class_weights=(1.0, 1.0),
+                    accum_dtype="float32", rounding: str = "stochastic", seed: int = 0):
+    """-> ``train_step(state, batch) -> (state, metrics)``.
+
+    ``accum_dtype``: dtype of the gradient accumulator when ``accum > 1``; ``rounding``/``seed``: how
+    updates are written back to low-precision weights (see ``jaxprm.optim.apply_updates``).
+    """
+    accum_dtype = jnp.dtype(accum_dtype)
+
     def loss_fn(trainable, frozen, mb, weight_total):
         model = nnx.merge(graphdef, trainable, frozen)
         logits = model.step_logits(mb)
@@ -54,21 +68,29 @@ def make_train_step(graphdef, optimizer, *, accum: int = 1, class_weights=(1.0, 
     def train_step(state, batch):
         trainable, frozen = state["trainable"], state["frozen"]
         weight_total = jnp.maximum(label_weights(batch["labels"], class_weights).sum(), 1e-9)
-        mbs = microbatches(batch, accum)
+        if accum == 1:
+            (_, metrics), grads = grad_fn(trainable, frozen, batch, weight_total)
+        else:
+            mbs = microbatches(batch, accum)
 
-        def body(carry, mb):
-            g_acc, m_acc = carry
-            (_, metrics), grads = grad_fn(trainable, frozen, mb, weight_total)
-            return (jax.tree.map(jnp.add, g_acc, grads), jax.tree.map(jnp.add, m_acc, metrics)), None
+            def body(carry, mb):
+                g_acc, m_acc = carry
+                (_, metrics), grads = grad_fn(trainable, frozen, mb, weight_total)
+                g_acc = jax.tree.map(lambda a, g: (a + g.astype(jnp.float32)).astype(a.dtype), g_acc, grads)
+                return (g_acc, jax.tree.map(jnp.add, m_acc, metrics)), None
 
-        zeros_g = jax.tree.map(jnp.zeros_like, trainable)
-        zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                               jax.eval_shape(lambda: grad_fn(trainable, frozen, jax.tree.map(lambda x: x[0], mbs),
-                                                              weight_total)[0][1]))
-        (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), mbs)
+            zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, accum_dtype), trainable)
+            zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                   jax.eval_shape(lambda: grad_fn(trainable, frozen, jax.tree.map(lambda x: x[0], mbs),
+                                                                  weight_total)[0][1]))
+            (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), mbs)
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics = dict(metrics, loss=metrics["loss_sum"] / weight_total, grad_norm=optax.global_norm(grads),
+        # fp32 gradients must not change the stored dtype of the state (e.g. bf16 moments).
+        opt_state = jax.tree.map(lambda new, old: new.astype(old.dtype), opt_state, state["opt_state"])
+        key = jax.random.fold_in(jax.random.key(seed), state["step"])
+        trainable = apply_updates(trainable, updates, rounding=rounding, key=key)
+        metrics = dict(metrics, loss=metrics["loss_sum"] / weight_total, grad_norm=optax.tree.norm(grads),
                        tokens=(batch["segment_ids"] > 0).sum())
         new_state = dict(state, trainable=trainable, opt_state=opt_state, step=state["step"] + 1)
         return new_state, metrics

@@ -103,14 +103,19 @@ class Killed(Exception):
     pass
 
 
-def test_kill_and_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_kill_and_resume_matches_uninterrupted(tmp_path, param_dtype):
+    """Also with bf16 weights: stochastic rounding draws its bits from (seed, step), so the resumed
+    run rounds exactly as the uninterrupted one."""
     from jaxprm.train import train
 
     full = _tiny_config(str(tmp_path / "full"), max_steps=9, save_every=3)
+    full.model.param_dtype = param_dtype
     m_full = train(full)
     assert m_full["step"] == 9
 
     part = _tiny_config(str(tmp_path / "part"), max_steps=9, save_every=3)
+    part.model.param_dtype = param_dtype
 
     def kill_at_7(step):
         if step == 7:
@@ -123,6 +128,8 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     a = jax.tree.leaves(_params(str(tmp_path / "full")))
     b = jax.tree.leaves(_params(str(tmp_path / "part")))
     assert len(a) == len(b) > 10
+    for x in a:  # trained and saved in param_dtype (the loader hands them back as fp32)
+        np.testing.assert_array_equal(np.asarray(x).astype(param_dtype).astype(np.float32), x)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
 
@@ -145,6 +152,20 @@ def test_config_validation_messages(tmp_path):
     c.model.init = "hf"
     with pytest.raises(ConfigError, match="model.hf_dir"):
         validate_config(c)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_7b_one_card"])
+def test_real_configs_only_miss_user_paths(name):
+    """The shipped real-size configs are valid apart from the paths only the user can give."""
+    import importlib
+
+    from jaxprm.train import ConfigError, validate_config
+
+    c = importlib.import_module(f"configs.{name}").get_config()
+    with pytest.raises(ConfigError) as e:
+        validate_config(c)
+    problems = [ln for ln in str(e.value).splitlines()[1:]]
+    assert len(problems) == 2 and "model.hf_dir" in problems[0] and "data.records" in problems[1], problems
 
 
 def test_tiny_config_learns(tmp_path):
