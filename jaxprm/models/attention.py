@@ -6,6 +6,11 @@ Masking is expressed with segment ids: a query attends to a key only when both c
 segment id (windows and images in the vision tower, packed sequences and padding in the decoder),
 optionally also causally. Padding is its own segment (id 0 by convention in the decoder), so no
 row is ever fully masked.
+
+``local_segment_attention`` is the same segment-masked attention for layouts whose segments are
+short contiguous runs (the vision tower's windows): it only compares each query with the keys of
+its own and the two neighbouring fixed-size chunks, O(T * chunk) instead of O(T^2), and goes
+through ``attention`` for the backend dispatch.
 """
 from __future__ import annotations
 
@@ -124,3 +129,55 @@ def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool 
     fn = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention}[resolve_impl(impl, q.dtype)]
     return fn(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal, scale=scale)
 
+
+
+def local_segment_attention(q, k, v, segment_ids, chunk: int, *, scale: float | None = None, impl: str = "auto"):
+    """Segment-masked self-attention restricted to neighbouring chunks. q: (B,T,N,H); k, v: (B,T,K,H);
+    segment_ids: (B,T).
+
+    The sequence is cut into ``ceil(T / chunk)`` chunks of ``chunk`` positions; the queries of chunk
+    i attend to the keys of chunks i-1, i and i+1 (3 * chunk keys) that carry the query's segment id.
+    That equals ``attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)`` for
+    every query whose segment is one contiguous run of at most ``chunk`` positions: such a run lies
+    in at most two consecutive chunks, so all of its keys are among the 3 * chunk. Positions of
+    longer segments (e.g. trailing padding) only see the part of their segment within that reach;
+    every position still sees itself, so no row is fully masked.
+
+    The tail padding up to a multiple of ``chunk`` and the missing neighbours of the first and last
+    chunks get segment ids below every id in ``segment_ids`` (zero values), so no real query matches
+    them. The chunks are folded into the batch (B * num_chunks rows of ``chunk`` queries and
+    3 * ``chunk`` keys) and handed to ``attention``, so the backend dispatch applies unchanged.
+    """
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    if k.shape[1] != t or v.shape[1] != t or segment_ids.shape != (b, t):
+        raise ValueError(f"local attention is self-attention: q {q.shape}, k {k.shape}, v {v.shape}, "
+                         f"segment_ids {segment_ids.shape}")
+    c = int(chunk)
+    if c < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    nc = -(-t // c)
+    extra = nc * c - t
+    seg = segment_ids.astype(jnp.int32)
+    low = jnp.min(seg, axis=1, keepdims=True)  # (B, 1); ids below it never match a real position
+    tail_id, edge_id = low - 1, low - 2
+
+    def pad_tail(x):
+        return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2)) if extra else x
+
+    def neighbours(x):  # (B, nc, c, ...) -> (B, nc, 3c, ...): chunks i-1, i, i+1 side by side
+        xp = jnp.pad(x, [(0, 0), (1, 1)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.concatenate([xp[:, :-2], xp[:, 1:-1], xp[:, 2:]], axis=2)
+
+    if extra:
+        seg = jnp.concatenate([seg, jnp.broadcast_to(tail_id, (b, extra))], axis=1)
+    seg_q = seg.reshape(b, nc, c)
+    seg_p = jnp.concatenate([jnp.broadcast_to(edge_id[:, :, None], (b, 1, c)), seg_q,
+                             jnp.broadcast_to(edge_id[:, :, None], (b, 1, c))], axis=1)
+    seg_kv = jnp.concatenate([seg_p[:, :-2], seg_p[:, 1:-1], seg_p[:, 2:]], axis=2)  # (B, nc, 3c)
+    qc = pad_tail(q).reshape(b * nc, c, n, h)
+    kc = neighbours(pad_tail(k).reshape(b, nc, c, kh, h)).reshape(b * nc, 3 * c, kh, h)
+    vc = neighbours(pad_tail(v).reshape(b, nc, c, kh, h)).reshape(b * nc, 3 * c, kh, h)
+    out = attention(qc, kc, vc, q_segment_ids=seg_q.reshape(b * nc, c), kv_segment_ids=seg_kv.reshape(b * nc, 3 * c),
+                    scale=scale, impl=impl)
+    return out.reshape(b, nc * c, n, h)[:, :t]

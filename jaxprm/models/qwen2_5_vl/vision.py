@@ -1,10 +1,19 @@
 """Qwen2.5-VL vision tower: patch embed, 2D rotary, window/full attention blocks, patch merger.
 
-The ``depth`` blocks share one parameter layout (stacked on a leading layer axis) and run under one
-``lax.scan``; a per-layer flag picks the window or the full-attention segment ids, so the
-block-diagonal window attention (cu_window_seqlens) and per-image full attention are both plain
-segment masks. Inputs are in window order (see ``rope.vision_layout``); the merger output is put
-back into image order with the reverse permutation, as transformers does.
+The ``depth`` blocks share one parameter layout (stacked on a leading layer axis). The layer stack
+is split into runs of consecutive blocks of the same kind (window or full attention, from
+``fullatt_block_indexes``), and each run is one ``lax.scan`` over its slice of the stacked params;
+the kind is static per run, so nothing switches branches at run time (a ``lax.cond`` would become a
+select running both branches under the ``vmap`` over per-row vision inputs).
+
+Inputs are in window order (see ``rope.vision_layout``): every window (cu_window_seqlens) is a
+contiguous run of at most ``window_patches(cfg)`` patches, padding patches trail as segment -1.
+Window blocks use ``attention.local_segment_attention`` with that chunk size: each query compares
+only with the keys of its own and the neighbouring chunks, O(N * window) instead of O(N^2), and
+exact for every real patch (padding patches only see nearby padding; their outputs are dropped).
+When N <= 3 * window the dense segment mask is no more work and is used instead. Full-attention
+blocks use per-image (per-frame) segment masks over all N patches. The merger output is put back into image order with the reverse permutation, as
+transformers does.
 """
 from __future__ import annotations
 
@@ -21,6 +30,24 @@ from .layers import ParamFactory, activation, dense, rms_norm, rotate_half, valu
 
 BLOCK_PARAMS = ("norm1", "norm2", "qkv_w", "qkv_b", "proj_w", "proj_b",
                 "gate_w", "gate_b", "up_w", "up_b", "down_w", "down_b")
+
+
+def window_patches(cfg: VisionConfig) -> int:
+    """Most patches one attention window can hold: (window_size / merge / patch)**2 merged tokens
+    of merge**2 patches each (64 for the released configs, 16 for the tiny test config)."""
+    merge = cfg.spatial_merge_size
+    return (cfg.window_size // merge // cfg.patch_size) ** 2 * merge**2
+
+
+def layer_runs(full_attention) -> list[tuple[int, int, bool]]:
+    """Maximal runs of consecutive same-kind layers: [(start, stop, is_full), ...]."""
+    runs = []
+    for i, f in enumerate(full_attention):
+        if runs and runs[-1][2] == f:
+            runs[-1] = (runs[-1][0], i + 1, f)
+        else:
+            runs.append((i, i + 1, f))
+    return runs
 
 
 class VisionBlocks(nnx.Module):
@@ -59,9 +86,12 @@ class VisionTower(nnx.Module):
         return 1.0 / (self.cfg.rope_theta ** (jnp.arange(0, half, 2, dtype=jnp.float32) / half))
 
     def __call__(self, pixel_values, window_index, reverse_index, window_segment_ids, full_segment_ids,
-                 rotary_positions):
+                 rotary_positions, *, dense_window_attention: bool = False):
         """pixel_values: (N, C*T*P*P) in image order; index arrays from ``rope.vision_layout``.
-        Returns (N / merge**2, out_hidden_size) merged features in image order."""
+        Returns (N / merge**2, out_hidden_size) merged features in image order.
+
+        ``dense_window_attention``: run the window blocks as dense segment-masked attention over all
+        N patches (the O(N^2) reference the chunked path is tested against)."""
         cfg, dt = self.cfg, self.dtype
         unit = cfg.spatial_merge_size**2
         n = pixel_values.shape[0]
@@ -77,26 +107,38 @@ class VisionTower(nnx.Module):
         act = activation(cfg.hidden_act)
         eps = cfg.rms_norm_eps
         impl = self.attn_impl
+        chunk = window_patches(cfg)
+        # chunked attention reads 3 * chunk keys per query; below that the dense mask is cheaper
+        local = not dense_window_attention and 0 < chunk and 3 * chunk < n
 
-        def block(h, layer):
-            p, is_full = layer
-            seg = jnp.where(is_full, full_segment_ids, window_segment_ids)[None]
-            y = rms_norm(h, p["norm1"], eps)
-            qkv = dense(y, p["qkv_w"], p["qkv_b"]).reshape(n, 3, heads, hd)
-            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-            qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
-            q = (qf * cos + rotate_half(qf) * sin).astype(dt)
-            k = (kf * cos + rotate_half(kf) * sin).astype(dt)
-            o = attn_lib.attention(q[None], k[None], v[None], q_segment_ids=seg, kv_segment_ids=seg, impl=impl)
-            o = dense(o[0].reshape(n, -1), p["proj_w"], p["proj_b"])
-            h = h + checkpoint_name(o, "attn_out")
-            y = rms_norm(h, p["norm2"], eps)
-            m = dense(act(dense(y, p["gate_w"], p["gate_b"])) * dense(y, p["up_w"], p["up_b"]), p["down_w"], p["down_b"])
-            return h + checkpoint_name(m, "mlp_out"), None
+        def attend(q, k, v, is_full):
+            if is_full or not local:
+                seg = (full_segment_ids if is_full else window_segment_ids)[None]
+                return attn_lib.attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, impl=impl)
+            return attn_lib.local_segment_attention(q, k, v, window_segment_ids[None], chunk, impl=impl)
+
+        def make_block(is_full: bool):
+            def block(h, p):
+                y = rms_norm(h, p["norm1"], eps)
+                qkv = dense(y, p["qkv_w"], p["qkv_b"]).reshape(n, 3, heads, hd)
+                q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+                qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
+                q = (qf * cos + rotate_half(qf) * sin).astype(dt)
+                k = (kf * cos + rotate_half(kf) * sin).astype(dt)
+                o = attend(q[None], k[None], v[None], is_full)
+                o = dense(o[0].reshape(n, -1), p["proj_w"], p["proj_b"])
+                h = h + checkpoint_name(o, "attn_out")
+                y = rms_norm(h, p["norm2"], eps)
+                m = dense(act(dense(y, p["gate_w"], p["gate_b"])) * dense(y, p["up_w"], p["up_b"]),
+                          p["down_w"], p["down_b"])
+                return h + checkpoint_name(m, "mlp_out"), None
+            return remat(block, self.remat_policy)
 
         params = values(self.blocks, BLOCK_PARAMS, dt)
-        flags = jnp.asarray(self.full_attention)
-        x, _ = jax.lax.scan(remat(block, self.remat_policy), x, (params, flags))
+        # one scan per run of same-kind layers (length-1 runs too, so remat behaves the same)
+        for start, stop, is_full in layer_runs(self.full_attention):
+            run = {name: a[start:stop] for name, a in params.items()}
+            x, _ = jax.lax.scan(make_block(is_full), x, run)
 
         mp = values(self.merger, ("ln_q", "fc1_w", "fc1_b", "fc2_w", "fc2_b"), dt)
         y = rms_norm(x, mp["ln_q"], 1e-6).reshape(n // unit, -1)
