@@ -130,7 +130,6 @@ def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool 
     return fn(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal, scale=scale)
 
 
-
 def local_segment_attention(q, k, v, segment_ids, chunk: int, *, scale: float | None = None, impl: str = "auto"):
     """Segment-masked self-attention restricted to neighbouring chunks. q: (B,T,N,H); k, v: (B,T,K,H);
     segment_ids: (B,T).
