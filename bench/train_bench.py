@@ -7,8 +7,8 @@ over the "+"/"-" step loss at the label positions. Reported after warm-up: token
 and an MFU estimate (6 x non-embedding decoder params per token, over the device's bf16 peak).
 
 * ``jax``: ``jaxprm.train_step.make_train_step`` jitted with donation, bf16 compute, fp32 master
-  weights (``--param-dtype``), ``--remat`` policy, ``--mu-dtype`` for Adam's first moment, the batch
-  and state sharded over all local devices (fsdp) as ``python -m jaxprm.train`` does.
+  weights (``--param-dtype``; bf16 weights are updated with stochastic rounding), ``--remat``
+  policy, ``--mu-dtype`` for Adam's first moment, the batch and state sharded over all local devices (fsdp) as ``python -m jaxprm.train`` does.
 * ``hf`` (``--hf``): ``Qwen2_5_VLForConditionalGeneration`` in bf16 with sdpa attention, gradient
   checkpointing (``--remat != none``), fused AdamW, the same loss on ``model.model`` hidden states
   times the "+"/"-" rows of ``lm_head``.
@@ -19,7 +19,8 @@ tokens, fused AdamW: 4.7k tokens/s (about 11% MFU); 7B ran out of memory. Target
 On a GPU (``jax[cuda12]``; a CUDA torch for ``--hf``)::
 
     python bench/train_bench.py --model qwen2.5-vl-3b --batch 4 --seq 2048 --image 448 --remat full --hf
-    python bench/train_bench.py --model qwen2.5-vl-7b --batch 4 --seq 2048 --image 448 --remat full --mu-dtype bfloat16
+    python bench/train_bench.py --model qwen2.5-vl-7b --batch 4 --seq 2048 --image 448 --remat full \
+        --param-dtype bfloat16 --mu-dtype bfloat16   # 7B on one 80 GB card: bf16 weights, stochastic rounding
 
 The HF run goes first and frees its memory before JAX starts. On CPU (a smoke run):
 ``python bench/train_bench.py --model tiny --batch 2 --seq 256 --image 56 --iters 2``.
