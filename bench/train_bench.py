@@ -8,7 +8,8 @@ and an MFU estimate (6 x non-embedding decoder params per token, over the device
 
 * ``jax``: ``jaxprm.train_step.make_train_step`` jitted with donation, bf16 compute, fp32 master
   weights (``--param-dtype``; bf16 weights are updated with stochastic rounding), ``--remat``
-  policy, ``--mu-dtype`` for Adam's first moment, the batch and state sharded over all local devices (fsdp) as ``python -m jaxprm.train`` does.
+  policy, ``--mu-dtype`` for Adam's first moment, the batch and state sharded over all local
+  devices (fsdp) as ``python -m jaxprm.train`` does.
 * ``hf`` (``--hf``): ``Qwen2_5_VLForConditionalGeneration`` in bf16 with sdpa attention, gradient
   checkpointing (``--remat != none``), fused AdamW, the same loss on ``model.model`` hidden states
   times the "+"/"-" rows of ``lm_head``.
