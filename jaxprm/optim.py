@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 _DECAY_SINGLES = {"patch_embed", "embed_tokens", "lm_head", "step_head"}
+ROUNDINGS = ("stochastic", "nearest")
 
 
 def decay_mask(params):
@@ -78,8 +79,6 @@ def apply_updates(params, updates, *, rounding: str = "stochastic", key=None):
             out.append(new.astype(p.dtype))
     return treedef.unflatten(out)
 
-
-ROUNDINGS = ("stochastic", "nearest")
 
 
 def make_optimizer(*, lr: float, total_steps: int, warmup_ratio: float = 0.05, schedule_kind: str = "cosine",

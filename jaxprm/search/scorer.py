@@ -199,27 +199,27 @@ class _Compiled:
                                                  batch.get("pixel_values"), layout_of(batch), return_kv=True)
             return kv
 
-        def suffix(state, kv, past_segment_ids, batch):
-            self.trace_counts["suffix"] += 1
+        def on_cache(state, kv, past_segment_ids, batch, return_kv):
+            # the batch's rows continue the cached prefix (broadcast over the rows)
             model = nnx.merge(gd, state)
             b = batch["input_ids"].shape[0]
             past = tuple(jnp.broadcast_to(x, (x.shape[0], b, *x.shape[2:])) for x in kv)
             past_seg = jnp.broadcast_to(past_segment_ids, (b, past_segment_ids.shape[1]))
-            h = model.backbone.hidden_states(batch["input_ids"], batch["position_ids"], batch["segment_ids"],
-                                             past_kv=past, past_segment_ids=past_seg)
-            return step_probs(model.head(h))
+            out = model.backbone.hidden_states(batch["input_ids"], batch["position_ids"], batch["segment_ids"],
+                                               past_kv=past, past_segment_ids=past_seg, return_kv=return_kv)
+            if return_kv:
+                return step_probs(model.head(out[0])), out[1]
+            return step_probs(model.head(out))
+
+        def suffix(state, kv, past_segment_ids, batch):
+            self.trace_counts["suffix"] += 1
+            return on_cache(state, kv, past_segment_ids, batch, return_kv=False)
 
         def suffix_kv(state, kv, past_segment_ids, batch):
             # ``suffix`` that also returns the chunk's own K/V (layers, B, L, kv_heads, head_dim), so that
             # a chosen continuation can be appended to the prefix cache without running it again
             self.trace_counts["suffix_kv"] += 1
-            model = nnx.merge(gd, state)
-            b = batch["input_ids"].shape[0]
-            past = tuple(jnp.broadcast_to(x, (x.shape[0], b, *x.shape[2:])) for x in kv)
-            past_seg = jnp.broadcast_to(past_segment_ids, (b, past_segment_ids.shape[1]))
-            h, new_kv = model.backbone.hidden_states(batch["input_ids"], batch["position_ids"], batch["segment_ids"],
-                                                     past_kv=past, past_segment_ids=past_seg, return_kv=True)
-            return step_probs(model.head(h)), new_kv
+            return on_cache(state, kv, past_segment_ids, batch, return_kv=True)
 
         def append(kv, offset, new_kv, row):
             # write row ``row`` of a chunk's K/V into the cache at slots offset, offset + 1, ...; slots past
