@@ -236,7 +236,8 @@ def bench_jax(cfg, inp: dict, args) -> dict:
     from flax import nnx
 
     from jaxprm.models.prm import PRMModel, PRMSpec
-    from jaxprm.search.scorer import Scorer, TokenSequence, _resolve_dtype
+    from jaxprm.scoring.device import Scorer, TokenSequence
+    from jaxprm.scoring.prm import _resolve_dtype
 
     dt = _resolve_dtype(args.dtype)
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ import importlib
 
 __all__ = ["PRM", "Scorer", "load_prm"]
 
-_LAZY = {"PRM": "jaxprm.search.scorer", "Scorer": "jaxprm.search.scorer", "load_prm": "jaxprm.search.scorer"}
+_LAZY = {"PRM": "jaxprm.scoring", "Scorer": "jaxprm.scoring", "load_prm": "jaxprm.scoring"}
 
 
 def __getattr__(name: str):

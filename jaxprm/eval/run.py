@@ -74,12 +74,12 @@ def _tqdm(it, progress: bool, **kw):
 
 
 def load_prm(path: str):
-    """``jaxprm.load_prm(path)`` (falls back to ``jaxprm.search.scorer.load_prm``)."""
+    """``jaxprm.load_prm(path)`` (falls back to ``jaxprm.scoring.load_prm``)."""
     try:
         from jaxprm import load_prm as _load
     except ImportError:
         try:
-            from jaxprm.search.scorer import load_prm as _load
+            from jaxprm.scoring import load_prm as _load
         except ImportError as e:
             raise InputError(f"cannot load a PRM: jaxprm.load_prm is not available ({e})") from None
     if not os.path.exists(path):

@@ -1,9 +1,10 @@
-"""Test-time scaling with a PRM: scoring, aggregation, best-of-N, guided greedy search, policies.
+"""Test-time scaling with a PRM: aggregation, best-of-N, guided greedy search, policies.
 
     from jaxprm.search import best_of_n, guided_greedy_search
     best = best_of_n(prm, image, question, candidates, aggregate="mean")
 
-Names are imported lazily (the sampler and scorer pull in JAX; the rest does not).
+Names are imported lazily (the sampler and the scoring names pull in JAX; the rest does not).
+``PRM``, ``Scorer`` and ``load_prm`` live in ``jaxprm.scoring``; they stay importable from here.
 """
 import importlib
 
@@ -16,7 +17,7 @@ _LAZY = {
                              "extract_final_answer")},
     **{n: ".sampler" for n in ("Sampler", "Generation", "sample_logits", "apply_top_k", "apply_top_p")},
     "AGGREGATIONS": ".aggregate",  # (the function `aggregate` stays in jaxprm.search.aggregate: same name as the module)
-    **{n: ".scorer" for n in ("PRM", "Scorer", "load_prm")},
+    **{n: "jaxprm.scoring" for n in ("PRM", "Scorer", "load_prm")},
     "OpenAIChatClient": ".openai_client",
 }
 __all__ = sorted(_LAZY)

@@ -19,9 +19,9 @@ after ``max_steps`` steps.
 
 The PRM is anything with ``score(image, question, steps)``, ``score_batch(items)`` and
 ``score_candidates(image, question, list_of_step_lists)`` returning per-step probabilities
-(``jaxprm.search.scorer.PRM``), optionally ``incremental_scorer(image, question)`` returning an
+(``jaxprm.scoring.PRM``), optionally ``incremental_scorer(image, question)`` returning an
 object whose ``score_next(steps, candidate_steps)`` scores ``steps + [c]`` for every candidate
-(``scorer.IncrementalScorer``).
+(``jaxprm.scoring.IncrementalScorer``).
 """
 from __future__ import annotations
 
@@ -180,7 +180,7 @@ def guided_greedy_search(prm, policy, image, question: str, k: int = 16, max_ste
     iteration), ``candidates`` (raw texts), ``scores`` (each candidate prefix's step scores),
     ``aggregated`` and ``chosen`` (index into ``candidates``; None when all were empty).
 
-    ``incremental``: score through ``prm.incremental_scorer(image, question)`` (``scorer.PRM`` has
+    ``incremental``: score through ``prm.incremental_scorer(image, question)`` (``jaxprm.scoring.PRM`` has
     it: the prompt and the steps already chosen stay in a K/V cache, each iteration runs only the
     candidates' turns; same scores as scoring every candidate prefix from scratch). ``None`` (default)
     uses it when the PRM has it, ``True`` requires it, ``False`` scores every iteration from scratch

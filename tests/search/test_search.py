@@ -151,7 +151,7 @@ def test_guided_search_step_limit_and_exhausted_policy(records):
 # a real tiny PRM (random weights), exported and loaded with jaxprm.load_prm
 # ------------------------------------------------------------------------------------------------
 def test_with_real_tiny_prm(tmp_path, records, monkeypatch):
-    scorer = pytest.importorskip("jaxprm.search.scorer")
+    scorer = pytest.importorskip("jaxprm.scoring")
     import jax
     import jax.numpy as jnp
     from flax import nnx

@@ -4,7 +4,7 @@ steps with the same scores as scoring every candidate prefix from scratch, and c
 after warm-up for varied K and step lengths.
 
 A tiny random PRM (synthetic tokenizer, random weights from numpy) is built offline. Its buckets
-differ from those of test_scorer.py (whose warm-up counts its own compilations): the jitted
+differ from those of tests/scoring/test_scorer.py (whose warm-up counts its own compilations): the jitted
 functions are shared by every PRM of the same model graph.
 """
 import numpy as np
@@ -51,7 +51,7 @@ def model(tok):
 @pytest.fixture(scope="module")
 def prm(model, tok):
     from jaxprm.data.preprocess import ImageProcessor
-    from jaxprm.search.scorer import PRM
+    from jaxprm.scoring import PRM
 
     return PRM(model, tok, ImageProcessor(), **BUCKETS)
 
@@ -225,7 +225,7 @@ def test_incremental_scorer_any_call_sequence(prm, records):
 def test_incremental_scorer_falls_back_when_the_split_tokenization_differs(prm, records, monkeypatch):
     """If tokenizing only the new turn ever disagrees with the full encoding, every candidate is
     encoded in full from then on; the scores stay exact."""
-    from jaxprm.search import scorer as scorer_lib
+    from jaxprm.scoring import prm as scorer_lib
 
     rec = records[0]
     truth = [s.text for s in rec.steps]
@@ -249,7 +249,7 @@ def test_incremental_scorer_falls_back_when_the_split_tokenization_differs(prm, 
 
 def test_incremental_scorer_max_length(prm, model, tok, records):
     """Candidates that lose steps to max_length are scored without the cache (NaN for dropped steps)."""
-    from jaxprm.search.scorer import PRM
+    from jaxprm.scoring import PRM
 
     rec = records[0]
     truth = [s.text for s in rec.steps]

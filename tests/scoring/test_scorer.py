@@ -19,7 +19,7 @@ import jaxprm
 from jaxprm.data.preprocess import ImageProcessor
 from jaxprm.data.prompt import encode_prm_example, label_token_ids
 from jaxprm.data.synthetic import build_synthetic_tokenizer, generate_records, tiny_model_config
-from jaxprm.search.scorer import PRM, bucket_size
+from jaxprm.scoring import PRM, bucket_size
 
 from tests.models.hf_reference import build_hf_model
 
@@ -94,7 +94,7 @@ def test_import_is_lazy_and_exports_load_prm():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr
-    assert jaxprm.load_prm is jaxprm.search.scorer.load_prm
+    assert jaxprm.load_prm is jaxprm.scoring.load_prm
     with pytest.raises(AttributeError):
         jaxprm.no_such_name  # noqa: B018
 
