@@ -1,7 +1,9 @@
 """The one place for sharding: the device mesh and the logical-axis rules.
 
-Every parameter has logical axis names (``param_axes``); ``RULES`` maps logical names to mesh
-axes. The mesh has three axes:
+Every parameter names its logical axes where it is created (``out_sharding`` metadata of the
+``nnx.Param``, see ``jaxprm.models.qwen2_5_vl.layers.ParamFactory``), and the model names the axes of
+the activations it constrains (``constrain``). ``RULES``, the one rules table, maps logical names
+to mesh axes. The mesh has three axes:
 - ``data``: pure data parallelism (replicated params),
 - ``fsdp``: data parallelism with params and optimizer state sharded along ``embed`` (ZeRO-3 style),
 - ``tensor``: tensor parallelism over heads / MLP width / vocabulary.
@@ -14,47 +16,36 @@ import math
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
-    ("layers", None),
+    ("length", None),
+    # the residual stream's hidden dimension: replicated (fsdp shards weights, not activations;
+    # tensor-parallel matmuls all-reduce back to a full residual, Megatron style)
+    ("activation_embed", None),
+    ("layers", None),  # stacked (scanned) layers: never sharded
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv", "tensor"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("patch", None),
-    ("norm", None),
+    ("norm", None),  # norm weights and biases of embed-sized outputs: small, replicated
     ("classes", None),
 )
 
-_BLOCK = {  # stacked per-layer params: leading "layers" axis
-    "norm1": ("norm",), "norm2": ("norm",), "input_norm": ("norm",), "post_norm": ("norm",),
-    "qkv_w": ("embed", "heads"), "qkv_b": ("heads",), "proj_w": ("heads", "embed"), "proj_b": ("norm",),
-    "q_w": ("embed", "heads"), "q_b": ("heads",), "k_w": ("embed", "kv"), "k_b": ("kv",),
-    "v_w": ("embed", "kv"), "v_b": ("kv",), "o_w": ("heads", "embed"),
-    "gate_w": ("embed", "mlp"), "gate_b": ("mlp",), "up_w": ("embed", "mlp"), "up_b": ("mlp",),
-    "down_w": ("mlp", "embed"), "down_b": ("norm",),
-}
-_SINGLE = {
-    "patch_embed": ("patch", "embed"), "ln_q": ("norm",), "fc1_w": ("embed", "mlp"), "fc1_b": ("mlp",),
-    "fc2_w": ("mlp", "embed"), "fc2_b": ("norm",), "embed_tokens": ("vocab", "embed"), "norm": ("norm",),
-    "lm_head": ("embed", "vocab"), "step_head": ("embed", "classes"), "step_bias": ("classes",),
-}
 
-
-def param_axes(path: tuple) -> tuple[str, ...]:
-    """Logical axes of the parameter at ``path`` (a tuple of keys in the NNX state)."""
-    keys = [str(k) for k in path]
-    name = keys[-1]
-    if ("blocks" in keys or "layers" in keys) and name in _BLOCK:
-        return ("layers",) + _BLOCK[name]
-    if name in _SINGLE:
-        return _SINGLE[name]
-    raise KeyError(f"no logical axes for parameter {'/'.join(keys)}; add it to jaxprm/sharding.py")
+def param_axes(var: nnx.Variable) -> tuple[str, ...]:
+    """Logical axes of a parameter: the names it was created with (its ``out_sharding`` metadata)."""
+    axes = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
+    if axes is None or len(axes) != len(var.shape):
+        raise ValueError(f"parameter of shape {getattr(var, 'shape', '?')} has logical axes {axes}; create it "
+                         "with one name per dimension (jaxprm.models.qwen2_5_vl.layers.param)")
+    return tuple(axes)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
@@ -81,13 +72,19 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     return Mesh(arr, AXES)
 
 
-def spec_for(shape, logical: tuple[str, ...], mesh: Mesh, rules=RULES) -> P:
+def spec_for(shape, logical: tuple[str, ...], mesh, rules=RULES) -> P:
+    """PartitionSpec of an array with these logical axes on ``mesh`` (a Mesh or AbstractMesh).
+
+    A mesh axis is used at most once, axes of size 1 (or missing from the mesh) are dropped, and a
+    dimension that its mesh axes do not divide stays replicated."""
     table = dict(rules)
     out, used = [], set()
     for dim, name in zip(shape, logical):
-        axes = table.get(name)
+        if name not in table:
+            raise KeyError(f"logical axis {name!r} is not in the rules table; add it to jaxprm/sharding.py RULES")
+        axes = table[name]
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
+        axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1 and a not in used)
         size = math.prod(mesh.shape[a] for a in axes)
         if not axes or dim % size:
             out.append(None)
@@ -98,13 +95,20 @@ def spec_for(shape, logical: tuple[str, ...], mesh: Mesh, rules=RULES) -> P:
 
 
 def param_shardings(state, mesh: Mesh, rules=RULES):
-    """NamedShardings for an NNX param state (or its pure dict), following ``param_axes``."""
-    def one(path, x):
-        keys = tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
-        keys = tuple(k for k in keys if k != "value")
-        return NamedSharding(mesh, spec_for(x.shape, param_axes(keys), mesh, rules))
+    """NamedShardings for an NNX param state (same structure), from each parameter's logical axes."""
+    def one(var):
+        return var.replace(NamedSharding(mesh, spec_for(var.shape, param_axes(var), mesh, rules)))
 
-    return jax.tree_util.tree_map_with_path(one, state)
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def constrain(x, logical: tuple[str, ...], rules=RULES):
+    """``with_sharding_constraint`` of an activation by its logical axes, on the mesh set with
+    ``jax.set_mesh`` (read at trace time); without a mesh (single-device code) ``x`` unchanged."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec_for(x.shape, logical, mesh, rules))
 
 
 def opt_state_shardings(opt_abstract, param_sh, mesh: Mesh):
@@ -134,9 +138,9 @@ def opt_state_shardings(opt_abstract, param_sh, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
-    """Split dimension ``batch_axis`` over (data, fsdp); everything else replicated."""
+    """Split dimension ``batch_axis`` as the ``batch`` rule says (data, fsdp); the rest replicated."""
     spec = [None] * ndim
-    spec[batch_axis] = ("data", "fsdp")
+    spec[batch_axis] = dict(RULES)["batch"]
     return NamedSharding(mesh, P(*spec))
 
 

@@ -112,9 +112,19 @@ def init_train_state(trainable, frozen, optimizer, mesh):
 
 
 def jit_train_step(train_step, state_shardings):
-    """Jit with the state pinned to its shardings (so step n+1 reuses step n's executable) and donated."""
-    return jax.jit(train_step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
-                   donate_argnums=(0,))
+    """Jit with the state pinned to its shardings (so step n+1 reuses step n's executable) and donated.
+
+    Runs (and so traces) under the state's mesh (``jax.set_mesh``), so the model's activation
+    constraints (``jaxprm.sharding.constrain``) apply."""
+    mesh = jax.tree.leaves(state_shardings)[0].mesh
+    jitted = jax.jit(train_step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
+                     donate_argnums=(0,))
+
+    def step(state, batch):
+        with jax.set_mesh(mesh):
+            return jitted(state, batch)
+
+    return step
 
 
 def make_eval_step(graphdef, *, class_weights=(1.0, 1.0)):

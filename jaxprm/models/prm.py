@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxprm.models.qwen2_5_vl import Qwen25VL
+from jaxprm.models.qwen2_5_vl.layers import param
 from jaxprm.models.qwen2_5_vl.model import LAYOUT_KEYS
 
 HEADS = ("lm_rows", "linear")
@@ -57,8 +58,8 @@ class PRMModel(nnx.Module):
         self.backbone, self.spec = backbone, spec
         if spec.head == "linear":
             rows = self._lm_rows()
-            self.step_head = nnx.Param(rows)
-            self.step_bias = nnx.Param(jnp.zeros((2,), rows.dtype))
+            self.step_head = param(rows, "embed", "classes")
+            self.step_bias = param(jnp.zeros((2,), rows.dtype), "classes")
         else:
             self.step_head = self.step_bias = None
 

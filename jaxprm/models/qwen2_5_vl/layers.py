@@ -35,21 +35,35 @@ def activation(name: str):
 
 
 class ParamFactory:
-    """Creates ``nnx.Param``s: N(0, 0.02) kernels, zero biases, unit norm weights."""
+    """Creates ``nnx.Param``s: N(0, 0.02) kernels, zero biases, unit norm weights.
+
+    Every dimension is given with its logical axis name, ``pf.normal(embed=D, mlp=I)``; the names
+    are the param's ``out_sharding`` metadata, and ``jaxprm.sharding.RULES`` (the one rules table)
+    maps them to mesh axes. Nothing is placed on devices here (``eager_sharding=False``): callers
+    initialise under ``jax.jit(..., out_shardings=jaxprm.sharding.param_shardings(...))``.
+    """
 
     def __init__(self, rngs: nnx.Rngs, param_dtype):
         self.rngs, self.dtype = rngs, param_dtype
 
-    def normal(self, *shape):
-        return nnx.Param(jax.random.normal(self.rngs.params(), shape, self.dtype) * 0.02)
+    def normal(self, **axes: int):
+        shape = tuple(axes.values())
+        return param(jax.random.normal(self.rngs.params(), shape, self.dtype) * 0.02, *axes)
 
-    def zeros(self, *shape):
-        return nnx.Param(jnp.zeros(shape, self.dtype))
+    def zeros(self, **axes: int):
+        return param(jnp.zeros(tuple(axes.values()), self.dtype), *axes)
 
-    def ones(self, *shape):
-        return nnx.Param(jnp.ones(shape, self.dtype))
+    def ones(self, **axes: int):
+        return param(jnp.ones(tuple(axes.values()), self.dtype), *axes)
 
 
-def values(module, names, dtype):
-    """Read the named params of ``module`` as arrays cast to the compute ``dtype``."""
-    return {n: getattr(module, n)[...].astype(dtype) for n in names}
+def param(value, *axes: str) -> nnx.Param:
+    """An ``nnx.Param`` whose dimensions have the logical axis names ``axes``."""
+    if len(axes) != value.ndim:
+        raise ValueError(f"a parameter of shape {value.shape} needs {value.ndim} logical axis names, got {axes}")
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def values(module, dtype):
+    """All params of ``module`` (its own attributes, not sub-modules') as arrays cast to ``dtype``."""
+    return {n: v[...].astype(dtype) for n, v in vars(module).items() if isinstance(v, nnx.Param)}

@@ -22,6 +22,7 @@ from flax import nnx
 
 from . import rope
 from .config import Qwen25VLConfig
+from .layers import ParamFactory
 from .text import TextModel
 from .vision import VisionTower
 
@@ -46,8 +47,8 @@ class Qwen25VL(nnx.Module):
         self.visual = VisionTower(config.vision, **kw)
         self.language_model = TextModel(config.text, **kw)
         t = config.text
-        self.lm_head = None if config.tie_word_embeddings else nnx.Param(
-            jax.random.normal(rngs.params(), (t.hidden_size, t.vocab_size), param_dtype) * 0.02)
+        self.lm_head = None if config.tie_word_embeddings else ParamFactory(rngs, param_dtype).normal(
+            embed=t.hidden_size, vocab=t.vocab_size)
 
     # -- pure, jittable pieces ------------------------------------------------------------------
     def image_features(self, pixel_values, layout: dict):

@@ -3,6 +3,10 @@
 Layers are stacked on a leading axis and run under one ``lax.scan`` (fast compiles, one remat
 policy for all layers). Attention masking is causal within segments: ``segment_ids`` (B, L) are
 equal for tokens of one sequence; padding is its own segment.
+
+The residual stream is constrained to its logical axes ``RESIDUAL`` (through
+``jaxprm.sharding.constrain``) when a mesh is set with ``jax.set_mesh``; without one (single-device
+code) the constraints are no-ops.
 """
 from __future__ import annotations
 
@@ -13,23 +17,25 @@ from flax import nnx
 
 from jaxprm.models import attention as attn_lib
 from jaxprm.models.remat import remat
+from jaxprm.sharding import constrain
 from .config import TextConfig
 from .layers import ParamFactory, activation, dense, rms_norm, rotate_half, values
 
-LAYER_PARAMS = ("input_norm", "post_norm", "q_w", "q_b", "k_w", "k_b", "v_w", "v_b", "o_w",
-                "gate_w", "up_w", "down_w")
+RESIDUAL = ("batch", "length", "activation_embed")  # logical axes of the residual stream (B, L, D)
 
 
 class DecoderLayers(nnx.Module):
     def __init__(self, cfg: TextConfig, pf: ParamFactory):
         L, D, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
         hd, H, K = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        self.input_norm, self.post_norm = pf.ones(L, D), pf.ones(L, D)
-        self.q_w, self.q_b = pf.normal(L, D, H * hd), pf.zeros(L, H * hd)
-        self.k_w, self.k_b = pf.normal(L, D, K * hd), pf.zeros(L, K * hd)
-        self.v_w, self.v_b = pf.normal(L, D, K * hd), pf.zeros(L, K * hd)
-        self.o_w = pf.normal(L, H * hd, D)
-        self.gate_w, self.up_w, self.down_w = pf.normal(L, D, I), pf.normal(L, D, I), pf.normal(L, I, D)
+        self.input_norm, self.post_norm = pf.ones(layers=L, norm=D), pf.ones(layers=L, norm=D)
+        self.q_w, self.q_b = pf.normal(layers=L, embed=D, heads=H * hd), pf.zeros(layers=L, heads=H * hd)
+        self.k_w, self.k_b = pf.normal(layers=L, embed=D, kv=K * hd), pf.zeros(layers=L, kv=K * hd)
+        self.v_w, self.v_b = pf.normal(layers=L, embed=D, kv=K * hd), pf.zeros(layers=L, kv=K * hd)
+        self.o_w = pf.normal(layers=L, heads=H * hd, embed=D)
+        self.gate_w = pf.normal(layers=L, embed=D, mlp=I)
+        self.up_w = pf.normal(layers=L, embed=D, mlp=I)
+        self.down_w = pf.normal(layers=L, mlp=I, embed=D)
 
 
 def mrope_cos_sin(position_ids, cfg: TextConfig, dtype):
@@ -55,9 +61,9 @@ class TextModel(nnx.Module):
                  attn_impl: str = "auto", remat_policy: str | None = None, rngs: nnx.Rngs):
         self.cfg, self.dtype, self.attn_impl, self.remat_policy = cfg, dtype, attn_impl, remat_policy
         pf = ParamFactory(rngs, param_dtype)
-        self.embed_tokens = pf.normal(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = pf.normal(vocab=cfg.vocab_size, embed=cfg.hidden_size)
         self.layers = DecoderLayers(cfg, pf)
-        self.norm = pf.ones(cfg.hidden_size)
+        self.norm = pf.ones(norm=cfg.hidden_size)
 
     def embed(self, input_ids):
         return self.embed_tokens[...].astype(self.dtype)[input_ids]
@@ -94,9 +100,10 @@ class TextModel(nnx.Module):
             h = h + checkpoint_name(o, "attn_out")
             y = rms_norm(h, p["post_norm"], eps)
             m = dense(act(dense(y, p["gate_w"])) * dense(y, p["up_w"]), p["down_w"])
-            return h + checkpoint_name(m, "mlp_out"), ((k, v) if return_kv else None)
+            h = constrain(h + checkpoint_name(m, "mlp_out"), RESIDUAL)
+            return h, ((k, v) if return_kv else None)
 
-        h, kv = jax.lax.scan(remat(layer, self.remat_policy), inputs_embeds.astype(dt),
-                             (values(self.layers, LAYER_PARAMS, dt), past_kv))
-        h = rms_norm(h, self.norm[...].astype(dt), eps)
+        h = constrain(inputs_embeds.astype(dt), RESIDUAL)
+        h, kv = jax.lax.scan(remat(layer, self.remat_policy), h, (values(self.layers, dt), past_kv))
+        h = constrain(rms_norm(h, self.norm[...].astype(dt), eps), RESIDUAL)
         return (h, kv) if return_kv else h

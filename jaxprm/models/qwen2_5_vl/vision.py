@@ -28,9 +28,6 @@ from jaxprm.models.remat import remat
 from .config import VisionConfig
 from .layers import ParamFactory, activation, dense, rms_norm, rotate_half, values
 
-BLOCK_PARAMS = ("norm1", "norm2", "qkv_w", "qkv_b", "proj_w", "proj_b",
-                "gate_w", "gate_b", "up_w", "up_b", "down_w", "down_b")
-
 
 def window_patches(cfg: VisionConfig) -> int:
     """Most patches one attention window can hold: (window_size / merge / patch)**2 merged tokens
@@ -53,20 +50,20 @@ def layer_runs(full_attention) -> list[tuple[int, int, bool]]:
 class VisionBlocks(nnx.Module):
     def __init__(self, cfg: VisionConfig, pf: ParamFactory):
         L, D, I = cfg.depth, cfg.hidden_size, cfg.intermediate_size
-        self.norm1, self.norm2 = pf.ones(L, D), pf.ones(L, D)
-        self.qkv_w, self.qkv_b = pf.normal(L, D, 3 * D), pf.zeros(L, 3 * D)
-        self.proj_w, self.proj_b = pf.normal(L, D, D), pf.zeros(L, D)
-        self.gate_w, self.gate_b = pf.normal(L, D, I), pf.zeros(L, I)
-        self.up_w, self.up_b = pf.normal(L, D, I), pf.zeros(L, I)
-        self.down_w, self.down_b = pf.normal(L, I, D), pf.zeros(L, D)
+        self.norm1, self.norm2 = pf.ones(layers=L, norm=D), pf.ones(layers=L, norm=D)
+        self.qkv_w, self.qkv_b = pf.normal(layers=L, embed=D, heads=3 * D), pf.zeros(layers=L, heads=3 * D)
+        self.proj_w, self.proj_b = pf.normal(layers=L, heads=D, embed=D), pf.zeros(layers=L, norm=D)
+        self.gate_w, self.gate_b = pf.normal(layers=L, embed=D, mlp=I), pf.zeros(layers=L, mlp=I)
+        self.up_w, self.up_b = pf.normal(layers=L, embed=D, mlp=I), pf.zeros(layers=L, mlp=I)
+        self.down_w, self.down_b = pf.normal(layers=L, mlp=I, embed=D), pf.zeros(layers=L, norm=D)
 
 
 class PatchMerger(nnx.Module):
     def __init__(self, cfg: VisionConfig, pf: ParamFactory):
         D, m2 = cfg.hidden_size, cfg.spatial_merge_size**2
-        self.ln_q = pf.ones(D)
-        self.fc1_w, self.fc1_b = pf.normal(D * m2, D * m2), pf.zeros(D * m2)
-        self.fc2_w, self.fc2_b = pf.normal(D * m2, cfg.out_hidden_size), pf.zeros(cfg.out_hidden_size)
+        self.ln_q = pf.ones(norm=D)
+        self.fc1_w, self.fc1_b = pf.normal(embed=D * m2, mlp=D * m2), pf.zeros(mlp=D * m2)
+        self.fc2_w, self.fc2_b = pf.normal(mlp=D * m2, embed=cfg.out_hidden_size), pf.zeros(norm=cfg.out_hidden_size)
 
 
 class VisionTower(nnx.Module):
@@ -74,7 +71,7 @@ class VisionTower(nnx.Module):
                  attn_impl: str = "auto", remat_policy: str | None = None, rngs: nnx.Rngs):
         self.cfg, self.dtype, self.attn_impl, self.remat_policy = cfg, dtype, attn_impl, remat_policy
         pf = ParamFactory(rngs, param_dtype)
-        self.patch_embed = pf.normal(cfg.patch_dim, cfg.hidden_size)  # Conv3d with stride == kernel
+        self.patch_embed = pf.normal(patch=cfg.patch_dim, embed=cfg.hidden_size)  # Conv3d, stride == kernel
         self.blocks = VisionBlocks(cfg, pf)
         self.merger = PatchMerger(cfg, pf)
         full = np.zeros(cfg.depth, bool)
@@ -134,13 +131,13 @@ class VisionTower(nnx.Module):
                 return h + checkpoint_name(m, "mlp_out"), None
             return remat(block, self.remat_policy)
 
-        params = values(self.blocks, BLOCK_PARAMS, dt)
+        params = values(self.blocks, dt)
         # one scan per run of same-kind layers (length-1 runs too, so remat behaves the same)
         for start, stop, is_full in layer_runs(self.full_attention):
             run = {name: a[start:stop] for name, a in params.items()}
             x, _ = jax.lax.scan(make_block(is_full), x, run)
 
-        mp = values(self.merger, ("ln_q", "fc1_w", "fc1_b", "fc2_w", "fc2_b"), dt)
+        mp = values(self.merger, dt)
         y = rms_norm(x, mp["ln_q"], 1e-6).reshape(n // unit, -1)
         y = dense(jax.nn.gelu(dense(y, mp["fc1_w"], mp["fc1_b"]), approximate=False), mp["fc2_w"], mp["fc2_b"])
         return y[reverse_index]
