@@ -11,9 +11,9 @@ by blank lines plus a trailing blank line (``join_steps(prefix) + "\\n\\n"``), a
 at the next blank line (``"\\n\\n"``), so one call yields one step. A returned step may start with a
 section header (``"[Reasoning]\\n..."``) because that is how the policy writes it; pass it back
 unchanged in ``prefix_steps`` (so the policy sees its own text) and give the PRM
-``steps.clean_step(step)``. A chunk that is only a header (``"[Reasoning]"`` followed by a blank
-line) is completed with one more call, so a step always has content unless the policy ended its
-answer (then the step is ``""``).
+``jaxprm.data.solution.clean_step(step)``. A chunk that is only a header (``"[Reasoning]"``
+followed by a blank line) is completed with one more call, so a step always has content unless
+the policy ended its answer (then the step is ``""``).
 
 Implementations:
 
@@ -42,7 +42,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .steps import STEP_SEPARATOR, clean_step, join_steps
+from jaxprm.data.solution import STEP_SEPARATOR, clean_step, join_steps
 
 __all__ = ["DEFAULT_INSTRUCTION", "JaxPolicy", "OpenAIPolicy", "Policy", "ScriptedPolicy", "format_question"]
 

@@ -2,7 +2,7 @@
 
 ``best_of_n(prm, image, question, candidates, aggregate="mean")`` scores every candidate solution
 with the PRM and keeps the one with the highest aggregated score. Candidates are solution texts
-(split into steps with ``steps.split_steps``) or lists of steps. ``aggregate`` is one of
+(split into steps with ``jaxprm.data.solution.split_steps``) or lists of steps. ``aggregate`` is one of
 ``jaxprm.search.aggregate.AGGREGATIONS`` (``mean``, ``min``, ``last``, ``product``,
 ``length_normalized``) or ``"orm"``: the PRM used as an outcome reward model, i.e. the whole
 solution given to it as a single step and that step's probability taken as the score.
@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from jaxprm.data.solution import clean_step, extract_final_answer, has_answer, join_steps, split_steps
+
 from . import aggregate as agg_lib
-from .steps import clean_step, extract_final_answer, has_answer, join_steps, split_steps
 
 __all__ = ["AGGREGATE_CHOICES", "SearchResult", "aggregate_scores", "best_of_n", "guided_greedy_search",
            "score_candidates", "score_orm"]

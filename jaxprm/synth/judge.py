@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jaxprm.data.schema import NEGATIVE, PERCEPTION, POSITIVE, Step
+from jaxprm.data.solution import SECTION_HEADER_RE
 from jaxprm.synth import format as F
 from jaxprm.synth.policies import client_usage
 from jaxprm.synth.questions import Question, stable_hash
@@ -208,7 +209,6 @@ def _json_objects(text: str) -> list[Any]:
 
 _CONCLUSION_RE = re.compile(r"<conclusion>(.*?)</conclusion>", re.DOTALL | re.IGNORECASE)
 _ANALYSIS_RE = re.compile(r"<analysis_(\d+)>.*?</analysis_\d+>", re.DOTALL)
-_SEC_RE = re.compile(r"\[\s*(Visual Elements|Perception|Reasoning)\s*\]", re.IGNORECASE)
 
 
 def _from_vlprm_tags(text: str) -> tuple[str | None, int | None] | None:
@@ -222,7 +222,7 @@ def _from_vlprm_tags(text: str) -> tuple[str | None, int | None] | None:
         raise JudgeParseError(f"conclusion must be Correct or Incorrect, got {m.group(1).strip()!r}")
     body = text[: m.start()]
     last = None
-    heads = list(_SEC_RE.finditer(body))
+    heads = list(SECTION_HEADER_RE.finditer(body))
     for h, nxt in zip(heads, heads[1:] + [None]):
         seg = body[h.end() : nxt.start() if nxt else len(body)]
         for a in _ANALYSIS_RE.finditer(seg):

@@ -32,7 +32,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from jaxprm.data.schema import PERCEPTION
-from jaxprm.eval.answers import extract_boxed
+from jaxprm.data.solution import extract_boxed
 from jaxprm.synth import format as F
 from jaxprm.synth.questions import Question, stable_hash
 

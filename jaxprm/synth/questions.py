@@ -2,11 +2,11 @@
 
 Sources:
 
-* ``jsonl`` -- one JSON object per line, read with ``jaxprm.eval.answers.load_benchmark_jsonl``
-  (``format="generic"`` by default: ``id``, ``question``, ``answer``, optional ``choices`` /
-  ``options``, ``image`` / ``images`` as a path, a data URL, or ``{"bytes": base64}``; relative
-  paths resolve against ``image_root`` or the file's directory). Any benchmark format known to
-  that loader works (``mmmu``, ``mathvista``, ...).
+* ``jsonl`` -- one JSON object per line, read with
+  ``jaxprm.data.formats.benchmarks.load_benchmark_jsonl`` (``format="generic"`` by default:
+  ``id``, ``question``, ``answer``, optional ``choices`` / ``options``, ``image`` / ``images`` as a
+  path, a data URL, or ``{"bytes": base64}``; relative paths resolve against ``image_root`` or the
+  file's directory). Any benchmark format known to that loader works (``mmmu``, ``mathvista``, ...).
 * ``synthetic`` -- the embedded puzzle task (``jaxprm.data.synthetic``): question ``idx`` of the
   stream for ``seed`` (deterministic in ``(seed, idx)``), with the scene kept in ``meta`` so the
   scripted policy, the scripted judge and the report can derive ground truth.
@@ -57,7 +57,7 @@ def stable_hash(*parts: Any) -> int:
 
 
 def load_jsonl_questions(path: str, format: str = "generic", image_root: str | None = None) -> list[Question]:
-    from jaxprm.eval.answers import load_benchmark_jsonl
+    from jaxprm.data.formats.benchmarks import load_benchmark_jsonl
 
     out = []
     for row in load_benchmark_jsonl(path, format=format, image_root=image_root or None):

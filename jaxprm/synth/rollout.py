@@ -5,7 +5,7 @@
 at most ``max_attempts`` rounds.
 
 ``mc_counts`` estimates, for every step ``i`` of every rollout of one problem, how many of ``K``
-continuations of the prefix ``steps[:i+1]`` reach the gold answer (``jaxprm.eval.answers``:
+continuations of the prefix ``steps[:i+1]`` reach the gold answer (``jaxprm.data.answers``:
 last ``\\boxed{}`` of prefix + continuation, ``is_correct`` against the gold answer, a missing
 answer counts as wrong). Value = correct / K. All prefixes of all rollouts of the problem go to
 the policy in one ``generate`` call (one request of ``n=K`` per prefix), so a batched policy
@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 from typing import Any, Sequence
 
-from jaxprm.eval.answers import extract_answer, is_correct
+from jaxprm.data.answers import extract_answer, is_correct
 from jaxprm.synth import format as F
 from jaxprm.synth.policies import GenRequest
 from jaxprm.synth.questions import Question

@@ -30,8 +30,8 @@ from typing import Any, Callable, Sequence
 
 from ml_collections import ConfigDict
 
+from jaxprm.data.answers import is_correct
 from jaxprm.data.schema import Record
-from jaxprm.eval.answers import is_correct
 from jaxprm.synth import fuse as FU
 from jaxprm.synth import puzzle as PZ
 from jaxprm.synth.judge import ScriptedJudge, VLMJudge

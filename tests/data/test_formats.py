@@ -13,6 +13,7 @@ from jaxprm.data.formats import (
     read_records,
     read_visualprm400k,
     read_visualprocessbench,
+    read_visualprocessbench_rows,
     read_vlprm300k,
     read_vlprm300k_train,
     write_jsonl,
@@ -345,3 +346,21 @@ def test_dispatcher(tmp_path, raw_parquet):
     assert [r.id for r in read_records(arr, format="visualprocessbench")] == ["test.json:0", "test.json:1"]
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         read_records(tmp_path / "nope.jsonl")
+
+
+def test_vlprm300k_response_sections_are_read_by_the_solution_reader(tmp_path):
+    # the sections of "response" are counted by jaxprm.data.solution (headers in any case); the importer's
+    # own regex missed "[reasoning]" and left the steps' kinds unknown
+    row = vlprm_rollout_row()
+    row["response"] = row["response"].replace("[Reasoning]", "[reasoning]")
+    (r,) = read_vlprm300k(write_jsonl_rows([row], tmp_path / "r.jsonl"), mc_total=8, label_rule="mc")
+    assert r.meta["section_source"] == "response" and r.meta["num_perception_steps"] == 2
+    assert [s.kind for s in r.steps] == [P, P, R]
+
+
+def test_visualprocessbench_rows_and_records_agree(tmp_path):
+    path = write_jsonl_rows(vpb_rows(), tmp_path / "test.jsonl")
+    rows = read_visualprocessbench_rows(path)
+    assert [row["response"]["process_correctness"] for row in rows] == [
+        r.meta["process_correctness"] for r in read_visualprocessbench(path)]
+    assert rows[1]["response"]["steps"] == ["The ball is red.", "So no."]  # decoded from its JSON string

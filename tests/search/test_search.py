@@ -1,4 +1,4 @@
-"""Step splitting, best-of-N with every aggregation (PRM as ORM included), guided greedy search;
+"""Best-of-N with every aggregation (PRM as ORM included), guided greedy search;
 with stand-in PRMs, and once with a real tiny PRM."""
 
 import numpy as np
@@ -8,34 +8,8 @@ from jaxprm.data import synthetic as syn
 from jaxprm.search import aggregate as agg_lib
 from jaxprm.search.policy import ScriptedPolicy
 from jaxprm.search.search import EMPTY_SCORE, best_of_n, guided_greedy_search
-from jaxprm.search.steps import (clean_step, extract_final_answer, has_answer, join_steps, split_steps,
-                                 split_steps_with_kinds)
+from jaxprm.search.steps import has_answer, split_steps
 from tests.fakes import TagPRM
-
-
-# ------------------------------------------------------------------------------------------------
-# steps
-# ------------------------------------------------------------------------------------------------
-def test_split_join_roundtrip_on_synthetic_solutions():
-    for rec in syn.generate_records(8, seed=2):
-        text = syn.format_solution(rec.steps)
-        assert split_steps(text) == [s.text for s in rec.steps]
-        assert [k for _, k in split_steps_with_kinds(text)] == [s.kind for s in rec.steps]
-        assert extract_final_answer(text) == rec.meta["predicted_answer"]
-        assert split_steps(join_steps([s.text for s in rec.steps])) == [s.text for s in rec.steps]
-
-
-def test_tagged_vlprm_layout_and_answers():
-    text = ("[Visual Elements]\n<step_1>\nA red circle at the top.\n</step_1>\n<step_2>\nTwo blue squares.\n</step_2>\n\n"
-            "[Reasoning]\n<step_1>\n1 + 2 = 3.\n</step_1>\n<correct_answer>\n3\n</correct_answer>")
-    assert split_steps_with_kinds(text) == [("A red circle at the top.", "perception"), ("Two blue squares.", "perception"),
-                                            ("1 + 2 = 3.", "reasoning")]
-    assert extract_final_answer(text) == "3"
-    assert clean_step("[Reasoning]\n<step_2>\nSo 5.\n</step_2>") == "So 5."
-    assert clean_step("[Reasoning]") == ""
-    assert has_answer("so \\boxed{\\frac{1}{2}}.") and extract_final_answer("x \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
-    assert not has_answer("no answer here") and split_steps("  \n\n ") == []
-    assert split_steps("a\n \nb\r\n\r\nc") == ["a", "b", "c"]
 
 
 # ------------------------------------------------------------------------------------------------

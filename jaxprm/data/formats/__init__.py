@@ -20,6 +20,9 @@ Every reader takes a file or a directory of ``.jsonl``/``.json``/``.parquet`` fi
 lazy iterator of validated records. Bad rows raise ``RecordError`` whose message starts with the
 file and row (``data.jsonl:17: record 'abc': field 'steps[2].kind': ...``); with
 ``on_error="skip"`` they are logged and counted in the ``ImportStats`` passed as ``stats=``.
+
+Benchmark question files (MMMU, MathVista, MathVision, PuzzleVQA, ...) are questions with gold
+answers, not records with steps: ``load_benchmark_jsonl`` (``benchmarks``) reads them into dicts.
 """
 from __future__ import annotations
 
@@ -29,8 +32,9 @@ import tempfile
 from typing import Any, Callable, Iterable, Iterator
 
 from jaxprm.data.formats._common import ImportStats, RowError, resolve_label_rule, run_import
+from jaxprm.data.formats.benchmarks import BenchmarkFormatError, load_benchmark_jsonl
 from jaxprm.data.formats.visualprm400k import read_visualprm400k
-from jaxprm.data.formats.visualprocessbench import read_visualprocessbench
+from jaxprm.data.formats.visualprocessbench import read_visualprocessbench, read_visualprocessbench_rows
 from jaxprm.data.formats.vlprm300k import read_vlprm300k, read_vlprm300k_train
 from jaxprm.data.schema import Record, RecordError
 
@@ -117,6 +121,7 @@ def read_records(path: str | os.PathLike, format: str = "jsonl", **kwargs: Any) 
 
 
 __all__ = [
+    "BenchmarkFormatError",
     "FORMATS",
     "ImportStats",
     "RecordError",
@@ -129,4 +134,6 @@ __all__ = [
     "read_vlprm300k_train",
     "read_visualprm400k",
     "read_visualprocessbench",
+    "read_visualprocessbench_rows",
+    "load_benchmark_jsonl",
 ]

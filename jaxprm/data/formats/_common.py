@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from jaxprm.data import labels as _labels
-from jaxprm.data.schema import PERCEPTION, REASONING, Record, RecordError
+from jaxprm.data.schema import Record, RecordError
 from jaxprm.data.jsonl import BadLine, iter_jsonl
 
 log = logging.getLogger("jaxprm.data.formats")
@@ -177,8 +177,7 @@ def _run(files, convert, on_error, stats, image_root, check_images) -> Iterator[
                 check_image_files(rec)
             rec.validate()
         except RecordError as e:
-            msg = str(e) if str(e).startswith(where) else f"{where}: {e}"
-            _handle(msg, on_error, stats)
+            _handle(located(where, e), on_error, stats)
             continue
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # malformed row
             msg = f"{where}: malformed row: {type(e).__name__}: {e}"
@@ -186,6 +185,11 @@ def _run(files, convert, on_error, stats, image_root, check_images) -> Iterator[
             continue
         stats.records += 1
         yield rec
+
+
+def located(where: str, e: Exception) -> str:
+    """The message of ``e``, starting with ``where`` (``file:row``) once."""
+    return str(e) if str(e).startswith(where) else f"{where}: {e}"
 
 
 def _handle(msg: str, on_error: str, stats: ImportStats) -> None:
@@ -317,8 +321,6 @@ def parse_listish(v: Any, rid: str, field: str) -> Any:
 
 # -- chat transcripts -----------------------------------------------------------------------------------
 _QA_RE = re.compile(r"^\s*###\s*Question:\s*(.*?)\s*###\s*Solution Process:\s*?\n?(.*)$", re.S)
-_HEADER_RE = re.compile(r"^\s*\[(Visual Elements|Perception|Reasoning)\]\s*\n?", re.I)
-_STEP_TAG_RE = re.compile(r"^\s*<step_(\d+)>\s*(.*?)\s*</step_\1>\s*$", re.S)
 _IMAGE_TOKEN_RE = re.compile(r"<image>\s*")
 POSITIVE_TOKENS = ("+", "<+>")
 NEGATIVE_TOKENS = ("-", "<->")
@@ -345,20 +347,6 @@ def split_question(text: str, rid: str, field: str) -> tuple[str, str]:
 
 def strip_image_tokens(question: str) -> str:
     return _IMAGE_TOKEN_RE.sub("", question).strip()
-
-
-def clean_step(text: str) -> tuple[str, str | None]:
-    """Remove a leading ``[Visual Elements]``/``[Perception]``/``[Reasoning]`` header and a
-    ``<step_k>...</step_k>`` wrapper; return ``(text, kind or None if no header)``."""
-    kind = None
-    m = _HEADER_RE.match(text)
-    if m:
-        kind = REASONING if m.group(1).lower() == "reasoning" else PERCEPTION
-        text = text[m.end():]
-    m = _STEP_TAG_RE.match(text)
-    if m:
-        text = m.group(2)
-    return text.strip(), kind
 
 
 def token_label(text: Any, rid: str, field: str) -> int:

@@ -7,6 +7,10 @@ Fields, from the dataset card: ``image`` (list of image paths), ``question``, ``
 ``response`` as a string, so a JSON-encoded ``response`` is accepted too. Rows have no id field;
 ids are ``"<file name>:<line>"`` unless a row has an ``id``.
 
+``read_visualprocessbench`` gives ``Record``s; ``read_visualprocessbench_rows`` gives the rows as
+published (``response`` decoded), with the same checks of ``response``, for scoring a PRM on the
+benchmark (``jaxprm.eval.step_f1.load_visualprocessbench``).
+
 Labels: 1 -> 1, -1 -> 0, 0 (neutral) -> by ``neutral``: ``"ignore"`` (default) -> None, i.e. not
 scored, ``"positive"`` -> 1, ``"negative"`` -> 0. The raw annotation is kept in
 ``meta["process_correctness"]``. Every step is ``"reasoning"`` (the benchmark does not mark
@@ -21,8 +25,11 @@ from typing import Any, Callable, Iterator
 from jaxprm.data import labels as _labels
 from jaxprm.data.formats._common import (
     ImportStats,
+    RowError,
     fail,
     images_from,
+    iter_rows,
+    located,
     optional_str,
     require_str,
     resolve_label_rule,
@@ -35,10 +42,14 @@ from jaxprm.data.schema import NEGATIVE, POSITIVE, REASONING, Record, RecordErro
 SOURCE = "visualprocessbench"
 
 
-def _to_record(row: Any, where: str, *, neutral_label, neutral, label_fn) -> Record:
+def _check_object(row: Any) -> None:
     if not isinstance(row, dict):
         raise RecordError(f"record '<no id>': a row must be an object, got {type(row).__name__}")
-    rid = _row_id(row, where, keys=("id",))
+
+
+def _response(row: dict, rid: str) -> dict:
+    """The row's ``response`` (decoded when stored as a JSON string), checked: a non-empty list of
+    step strings and as many labels 1 / 0 / -1."""
     resp = row.get("response")
     if isinstance(resp, str):
         try:
@@ -54,14 +65,21 @@ def _to_record(row: Any, where: str, *, neutral_label, neutral, label_fn) -> Rec
         raise fail(rid, "response.process_correctness", f"must be a list of 1/0/-1, got {pc!r}")
     if len(pc) != len(texts):
         raise fail(rid, "response.process_correctness", f"has {len(pc)} labels for {len(texts)} steps")
-    steps = []
     for i, (t, c) in enumerate(zip(texts, pc)):
         if not isinstance(t, str) or not t.strip():
             raise fail(rid, f"response.steps[{i}]", f"must be a non-empty string, got {t!r}")
         if isinstance(c, bool) or c not in (1, 0, -1):
             raise fail(rid, f"response.process_correctness[{i}]", f"must be 1, 0 or -1, got {c!r}")
-        label = POSITIVE if c == 1 else NEGATIVE if c == -1 else neutral_label
-        steps.append(Step(text=t.strip(), kind=REASONING, label=label))
+    return resp
+
+
+def _to_record(row: Any, where: str, *, neutral_label, neutral, label_fn) -> Record:
+    _check_object(row)
+    rid = _row_id(row, where, keys=("id",))
+    resp = _response(row, rid)
+    pc = resp["process_correctness"]
+    labels = [POSITIVE if c == 1 else NEGATIVE if c == -1 else neutral_label for c in pc]
+    steps = [Step(text=t.strip(), kind=REASONING, label=lab) for t, lab in zip(resp["steps"], labels)]
     meta: dict[str, Any] = {"process_correctness": [int(c) for c in pc],
                             "label_rule": {"name": "human", "neutral": neutral}}
     for k in ("policy_model", "data_source"):
@@ -105,4 +123,21 @@ def read_visualprocessbench(
                       check_images=check_images)
 
 
-__all__ = ["read_visualprocessbench"]
+def read_visualprocessbench_rows(path: str | os.PathLike) -> list[dict]:
+    """VisualProcessBench rows as published (a JSON-string ``response`` decoded in place), each
+    checked as ``read_visualprocessbench`` checks ``response``. The first bad row raises
+    ``RecordError`` naming ``file:line``, the record and the field. Blank lines are skipped."""
+    rows = []
+    for where, row in iter_rows(path):
+        try:
+            if isinstance(row, RowError):
+                raise row
+            _check_object(row)
+            row["response"] = _response(row, _row_id(row, where, keys=("id",)))
+        except RecordError as e:
+            raise RecordError(located(where, e)) from None
+        rows.append(row)
+    return rows
+
+
+__all__ = ["read_visualprocessbench", "read_visualprocessbench_rows"]

@@ -17,7 +17,8 @@ JSONL files the dataset was built from (``rollout_data_generation`` in the repo:
 
 Step kinds: ``steps_with_score`` does not say where the Visual-Elements section ends, so the number
 of perception steps is taken from, in order: (1) a ``response`` column, counting the
-``<step_k>`` blocks under ``[Visual Elements]`` (or ``[Perception]``) before ``[Reasoning]``; (2) the
+``<step_k>`` blocks under ``[Visual Elements]`` (or ``[Perception]``) when, with those under
+``[Reasoning]``, they are all the steps (``jaxprm.data.solution.split_tagged_steps``); (2) the
 ``conversations`` user turns, where the conversion script (theogbrand/mmr_rollout_data,
 ``convert_mc_to_prm_signal.py``) writes ``[Visual Elements]`` on the first step and ``[Reasoning]``
 on the first reasoning step. If neither pins the boundary (the transcript stopped inside the
@@ -43,16 +44,13 @@ header); ``<step_k>`` wrappers and headers are stripped from the step text. Plai
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Callable, Iterator
 
 from jaxprm.data.formats._common import (
     ImportStats,
-    _HEADER_RE,
     _QA_RE,
     as_count,
     chat_pairs,
-    clean_step,
     fail,
     images_from,
     mc_counts,
@@ -67,12 +65,11 @@ from jaxprm.data.formats._common import (
     turn_text,
 )
 from jaxprm.data.schema import PERCEPTION, REASONING, STEP_KINDS, Record, RecordError, Step
+from jaxprm.data.solution import clean_step_with_kind, split_tagged_steps
 
 SOURCE = "vlprm300k"
 SOURCE_TRAIN = "vlprm300k_train"
 VISUAL_SECTIONS = ("visual elements", "perception")
-_RESP_VIS_RE = re.compile(r"\[(?:Visual Elements|Perception)\](.*?)\[Reasoning\](.*?)(?:<correct_answer>|$)", re.S)
-_STEP_OPEN_RE = re.compile(r"<step_\d+>")
 
 
 def _check_kind(unknown_kind: str) -> None:
@@ -101,12 +98,9 @@ def _sections_from_response(row: dict, n: int) -> int | None:
     resp = row.get("response", row.get("rollout_response"))
     if not isinstance(resp, str):
         return None
-    m = _RESP_VIS_RE.search(resp)
-    if not m:
-        return None
-    n_vis = len(_STEP_OPEN_RE.findall(m.group(1)))
-    n_rea = len(_STEP_OPEN_RE.findall(m.group(2)))
-    return n_vis if n_vis + n_rea == n else None
+    kinds = [kind for _, kind in split_tagged_steps(resp)]
+    n_vis = kinds.count(PERCEPTION)
+    return n_vis if n_vis + kinds.count(REASONING) == n else None
 
 
 def _sections_from_conversations(row: dict) -> tuple[int | None, int]:
@@ -126,10 +120,10 @@ def _sections_from_conversations(row: dict) -> tuple[int | None, int]:
         if k == 0:
             m = _QA_RE.match(text)
             text = m.group(2) if m else text
-        h = _HEADER_RE.match(text)
-        if h and h.group(1).lower() == "reasoning":
+        kind = clean_step_with_kind(text)[1]
+        if kind == REASONING:
             return k, k
-        if h:
+        if kind is not None:
             seen_visual = True
         k += 1
     return None, (k if seen_visual else 0)
@@ -275,7 +269,7 @@ def _train_to_record(row: Any, where: str, *, unknown_kind, label_fn) -> Record:
     question, first = split_question(pairs[0][0], rid, f"{key}[{pairs[0][2]}]")
     steps, kind = [], None
     for k, (text, label, _) in enumerate(pairs):
-        t, hdr = clean_step(first if k == 0 else text)
+        t, hdr = clean_step_with_kind(first if k == 0 else text)
         kind = hdr or kind
         steps.append(Step(text=t, kind=kind or unknown_kind, label=label))
     images = images_from(row.get("image"), rid, "image") + images_from(row.get("images"), rid, "images")
