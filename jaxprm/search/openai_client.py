@@ -1,43 +1,50 @@
-"""A small OpenAI-compatible chat client (vLLM / SGLang / OpenAI) on the standard library only.
+"""Chat client for OpenAI-compatible servers (vLLM, SGLang, OpenAI) on the official ``openai`` package.
 
-``OpenAIChatClient.chat`` POSTs to ``{base_url}/chat/completions`` with the OpenAI Chat
-Completions request body (``model``, ``messages``, ``temperature``, ``top_p``, ``max_tokens``,
-``n``, ``stop``, ``seed``) and returns the text of every choice. Images go in user messages as
-``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`` content parts, the
-format vLLM's and SGLang's OpenAI servers accept for multimodal models; ``image_to_data_url``
-builds those URLs from encoded bytes, a PIL image, a numpy array or a file path.
+``OpenAIChatClient`` sends Chat Completions requests through ``openai.OpenAI`` (``base_url``,
+``api_key``, ``timeout``, ``max_retries``) and adds what this project needs on top: a client-side
+rate limit, token usage and cost counters, exactly-``n`` sampling (``chat_n`` tops up when a server
+returns fewer choices than asked), and errors of the project's own types (``APIStatusError``,
+``APIConnectionError``, both ``APIError``) whose text names the URL, the HTTP status, the server's
+own message and the number of attempts. Images go in user messages as ``image_url`` content parts
+holding ``data:`` URLs, the format vLLM's and SGLang's OpenAI servers accept for multimodal models;
+``image_to_data_url`` builds them from encoded bytes, a PIL image, a numpy array or a file path.
 
-Behaviour:
-- retries with exponential backoff (``backoff * 2**attempt``, capped at ``max_backoff``, plus
-  optional jitter) on HTTP 429, 5xx (and 408/409, as the openai SDK does) and on connection
-  errors/timeouts; a ``Retry-After``
-  header (seconds or an HTTP date) overrides the computed delay;
-- other 4xx responses raise ``APIStatusError`` at once, carrying the server's error message
-  (OpenAI's ``{"error": {"message": ...}}``, vLLM's ``{"message": ...}``, FastAPI's ``{"detail": ...}``);
-- ``usage`` sums ``prompt_tokens`` / ``completion_tokens`` over responses; ``cost`` prices them
-  with an optional price per 1k tokens;
-- an optional client-side rate limiter keeps request starts at most ``max_requests_per_second``.
+Retries, backoff and timeouts are the ``openai`` package's:
+- retried: HTTP 408, 409, 429 and 5xx, connection errors and timeouts; other 4xx raise at once;
+- the wait before retry ``k`` (0-based) is ``0.5 * 2**k`` seconds capped at 8 s, less up to 25 %
+  random jitter, unless the server sends ``Retry-After`` (or ``retry-after-ms``) within openai's
+  limit (120 s in current releases, 60 s in older ones), which is then waited instead;
+- ``timeout`` is openai's per-attempt timeout: connecting, sending, and every wait for response
+  data each give up after ``timeout`` seconds. A completion that is not streamed arrives in one
+  piece once generation ends, so an attempt ends with the answer or after about ``timeout`` s.
 
-The client is thread-safe: several threads may share one instance (usage and rate limiting are
-locked).
+Worst-case time of one request when every attempt times out::
+
+    (max_retries + 1) * timeout + sum(min(0.5 * 2**k, 8) for k in range(max_retries))
+
+plus up to the server's ``Retry-After`` (<= 120 s) per retry instead of the backoff term, plus any
+wait for the rate limiter. With the defaults here (``timeout=120``, ``max_retries=5``) that is
+6 * 120 + 15.5 = 735.5 s (at most 6 * 120 + 5 * 120 = 1320 s when the server asks for long waits).
+
+The rate limiter spaces the starts of all attempts (retries included) at least
+``1 / max_requests_per_second`` apart. ``usage`` sums ``prompt_tokens`` / ``completion_tokens`` over
+successful responses, ``retries`` counts retries over the client's life, ``cost`` prices the usage
+with an optional price per 1k tokens. The client is thread-safe: threads may share one instance.
 """
 from __future__ import annotations
 
 import base64
 import dataclasses
-import email.utils
 import http.client
 import io
 import json
 import os
-import random
-import socket
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any, Callable, Sequence
+
+import openai
 
 __all__ = [
     "APIConnectionError",
@@ -51,7 +58,6 @@ __all__ = [
 ]
 
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 
 
 class APIError(RuntimeError):
@@ -60,7 +66,7 @@ class APIError(RuntimeError):
 
 class APIStatusError(APIError):
     """The server answered with an error status. ``status`` is the HTTP code, ``message`` the
-    server's error message, ``body`` the raw response text."""
+    server's error message, ``body`` the raw response text, ``attempts`` how many were made."""
 
     def __init__(self, status: int, message: str, body: str = "", url: str = "", attempts: int = 1):
         self.status = status
@@ -225,7 +231,8 @@ class RateLimiter:
 
 
 def _error_message(body: str, status: int) -> str:
-    """Pull the human-readable message out of an error body."""
+    """The human-readable message of an error body: OpenAI's ``{"error": {"message": ...}}``,
+    vLLM's ``{"message": ...}``, FastAPI's ``{"detail": ...}``, or the text itself."""
     try:
         obj = json.loads(body)
     except (ValueError, TypeError):
@@ -244,41 +251,22 @@ def _error_message(body: str, status: int) -> str:
     return json.dumps(obj)[:2000]
 
 
-def _retry_after_seconds(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 class OpenAIChatClient:
-    """Chat-completions client for an OpenAI-compatible server.
+    """Chat-completions client for an OpenAI-compatible server (see the module docstring).
 
     Args:
       base_url: server root including the API prefix, e.g. ``http://127.0.0.1:8000/v1``.
       model: model name sent in every request.
-      api_key: bearer token; defaults to ``$OPENAI_API_KEY``; no Authorization header when unset.
-      timeout: socket timeout per request, seconds.
-      max_retries: retries after the first attempt on 429/5xx/connection errors.
-      backoff: base delay; attempt ``k`` (0-based) waits ``backoff * 2**k`` seconds.
-      max_backoff: cap on one delay (a Retry-After header is capped by it too).
-      jitter: fraction of random extra delay (0 = deterministic).
-      max_requests_per_second: client-side rate limit; None disables it.
+      api_key: bearer token; defaults to ``$OPENAI_API_KEY``; no Authorization header when neither
+        is set (or ``api_key=""``), as local vLLM/SGLang servers need none.
+      timeout: openai's per-attempt timeout in seconds.
+      max_retries: retries after the first attempt on 408/409/429/5xx and connection errors.
+      max_requests_per_second: client-side rate limit over all attempts; None disables it.
       price_per_1k: price per 1000 tokens, a float for both kinds or ``(prompt, completion)``.
       extra_headers: added to every request.
-      proxies: ``{"http": ..., "https": ...}``; None uses the environment's proxy settings, ``{}``
-        none. Loopback hosts (127.0.0.1, localhost, ::1) never go through a proxy.
-      sleep: the sleep function (injectable for tests).
+
+    Requests to a loopback host (127.0.0.1, localhost, ::1) ignore the environment's proxy
+    settings; others follow them as ``httpx`` does (``HTTPS_PROXY``, ``NO_PROXY``, ...).
     """
 
     def __init__(
@@ -288,40 +276,23 @@ class OpenAIChatClient:
         api_key: str | None = None,
         timeout: float = 120.0,
         max_retries: int = 5,
-        backoff: float = 1.0,
-        max_backoff: float = 60.0,
-        jitter: float = 0.0,
         max_requests_per_second: float | None = None,
         price_per_1k: float | tuple[float, float] | None = None,
         extra_headers: dict[str, str] | None = None,
-        proxies: dict[str, str] | None = None,
-        sleep: Callable[[float], None] = time.sleep,
     ):
         if not base_url:
             raise ValueError("base_url is required, e.g. 'http://127.0.0.1:8000/v1'")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        if backoff < 0 or max_backoff < 0 or jitter < 0:
-            raise ValueError("backoff, max_backoff and jitter must be >= 0")
+        if not timeout or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.base_url = base_url.rstrip("/")
         self.url = f"{self.base_url}/chat/completions"
         self.model = model
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
-        self.timeout = timeout
+        self.timeout = float(timeout)
         self.max_retries = int(max_retries)
-        self.backoff = float(backoff)
-        self.max_backoff = float(max_backoff)
-        self.jitter = float(jitter)
-        self.extra_headers = dict(extra_headers or {})
-        host = (urllib.parse.urlsplit(self.base_url).hostname or "").lower()
-        if host in _LOOPBACK_HOSTS:
-            proxies = {}  # a proxy cannot reach this machine's loopback server
-        # proxies=None: the environment's (http_proxy, https_proxy, no_proxy), as urllib does.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler(proxies))
-        self._sleep = sleep
-        self.rate_limiter = (
-            RateLimiter(max_requests_per_second, sleep=sleep) if max_requests_per_second else None
-        )
+        self.rate_limiter = RateLimiter(max_requests_per_second) if max_requests_per_second else None
         if price_per_1k is None:
             self.price_per_1k: tuple[float, float] | None = None
         elif isinstance(price_per_1k, (tuple, list)):
@@ -332,9 +303,26 @@ class OpenAIChatClient:
             self.price_per_1k = (float(price_per_1k), float(price_per_1k))
         self.usage = Usage()
         self.retries = 0  # total retries made over the client's life
-        self.retry_delays: list[float] = []  # every backoff delay slept, in order
         self._lock = threading.Lock()
-        self._rng = random.Random()
+        self._local = threading.local()  # attempts of the request in flight on this thread
+        host = (urllib.parse.urlsplit(self.base_url).hostname or "").lower()
+        http_client = openai.DefaultHttpxClient(
+            event_hooks={"request": [self._before_attempt]},
+            trust_env=host not in _LOOPBACK_HOSTS,  # a proxy cannot reach this machine's loopback
+        )
+        self._openai = openai.OpenAI(
+            base_url=self.base_url,
+            # openai insists on a key; without one the placeholder's header is dropped before sending
+            api_key=self.api_key or "no-key",
+            timeout=self.timeout,
+            max_retries=self.max_retries,
+            default_headers=dict(extra_headers or {}),
+            http_client=http_client,
+        )
+
+    def close(self) -> None:
+        """Close the connection pool (the client is unusable afterwards)."""
+        self._openai.close()
 
     # -- accounting -------------------------------------------------------------------
 
@@ -350,77 +338,14 @@ class OpenAIChatClient:
         with self._lock:
             self.usage = Usage()
             self.retries = 0
-            self.retry_delays = []
 
-    def _add_usage(self, response: dict) -> None:
-        u = response.get("usage") or {}
-        with self._lock:
-            self.usage.requests += 1
-            self.usage.prompt_tokens += int(u.get("prompt_tokens") or 0)
-            self.usage.completion_tokens += int(u.get("completion_tokens") or 0)
-
-    # -- transport ----------------------------------------------------------------------
-
-    def _headers(self) -> dict[str, str]:
-        h = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            h["Authorization"] = f"Bearer {self.api_key}"
-        h.update(self.extra_headers)
-        return h
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            delay = retry_after
-        else:
-            delay = self.backoff * (2.0**attempt)
-            if self.jitter:
-                delay *= 1.0 + self.jitter * self._rng.random()
-        return min(delay, self.max_backoff)
-
-    def _post(self, payload: dict) -> dict:
-        data = json.dumps(payload).encode("utf-8")
-        headers = self._headers()
-        attempt = 0
-        while True:
-            if self.rate_limiter is not None:
-                self.rate_limiter.acquire()
-            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            retry_after = None
-            try:
-                with self._opener.open(req, timeout=self.timeout) as resp:
-                    body = resp.read().decode("utf-8")
-                try:
-                    obj = json.loads(body)
-                except ValueError:
-                    raise APIError(f"invalid JSON in response from {self.url}: {body[:500]!r}") from None
-                if not isinstance(obj, dict):
-                    raise APIError(f"unexpected response from {self.url}: {body[:500]!r}")
-                return obj
-            except urllib.error.HTTPError as e:
-                try:
-                    body = e.read().decode("utf-8", errors="replace")
-                except Exception:  # noqa: BLE001 - the body is only for the message
-                    body = ""
-                finally:
-                    e.close()
-                status = int(e.code)
-                message = _error_message(body, status)
-                if status not in RETRYABLE_STATUS or attempt >= self.max_retries:
-                    raise APIStatusError(status, message, body, self.url, attempts=attempt + 1) from None
-                retry_after = _retry_after_seconds(e.headers.get("Retry-After") if e.headers else None)
-            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError) as e:
-                reason = getattr(e, "reason", e)
-                if attempt >= self.max_retries:
-                    raise APIConnectionError(
-                        f"could not reach {self.url} after {attempt + 1} attempts: {reason}"
-                    ) from e
-            delay = self._delay(attempt, retry_after)
-            with self._lock:
-                self.retries += 1
-                self.retry_delays.append(delay)
-            if delay > 0:
-                self._sleep(delay)
-            attempt += 1
+    def _before_attempt(self, request) -> None:
+        """httpx request hook: runs before every attempt, retries included."""
+        if self.rate_limiter is not None:
+            self.rate_limiter.acquire()
+        if not self.api_key:
+            request.headers.pop("Authorization", None)
+        self._local.attempts = getattr(self._local, "attempts", 0) + 1
 
     # -- public API ---------------------------------------------------------------------
 
@@ -434,25 +359,54 @@ class OpenAIChatClient:
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
         **extra: Any,
-    ) -> dict:
-        """POST one chat completion request and return the parsed JSON response.
+    ):
+        """One chat completion request; returns openai's ``ChatCompletion``.
 
-        ``extra`` keys are added to the request body as they are (e.g. ``top_k``,
-        ``repetition_penalty`` for vLLM)."""
+        Arguments left None are not sent. ``extra`` keys go into the request body as they are
+        (e.g. ``top_k``, ``continue_final_message`` for vLLM, ``max_completion_tokens``)."""
         if not messages:
             raise ValueError("messages must be a non-empty list of chat messages")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        payload: dict[str, Any] = {"model": self.model, "messages": list(messages), "n": int(n)}
+        kwargs: dict[str, Any] = {"model": self.model, "messages": list(messages), "n": int(n)}
         for key, val in (("temperature", temperature), ("top_p", top_p), ("max_tokens", max_tokens), ("seed", seed)):
             if val is not None:
-                payload[key] = val
+                kwargs[key] = val
         if stop is not None:
-            payload["stop"] = [stop] if isinstance(stop, str) else list(stop)
-        payload.update({k: v for k, v in extra.items() if v is not None})
-        response = self._post(payload)
-        self._add_usage(response)
+            kwargs["stop"] = [stop] if isinstance(stop, str) else list(stop)
+        body = {k: v for k, v in extra.items() if v is not None}
+        if body:
+            kwargs["extra_body"] = body
+        self._local.attempts = 0
+        try:
+            response = self._openai.chat.completions.create(**kwargs)
+        except openai.APIStatusError as e:
+            text = e.response.text
+            raise APIStatusError(e.status_code, _error_message(text, e.status_code), text, self.url,
+                                 attempts=self._attempts()) from e
+        except openai.APIConnectionError as e:  # APITimeoutError included
+            reason = e.__cause__ or e
+            raise APIConnectionError(f"could not reach {self.url} after {self._attempts()} attempts: "
+                                     f"{type(reason).__name__}: {reason}") from e
+        except openai.APIError as e:  # e.g. a response that is not a chat completion
+            self._attempts()
+            raise APIError(f"bad response from {self.url}: {e}") from e
+        self._attempts()
+        if not isinstance(getattr(response, "choices", None), list):
+            raise APIError(f"response from {self.url} has no 'choices' list: {str(response)[:500]}")
+        u = response.usage
+        with self._lock:
+            self.usage.requests += 1
+            self.usage.prompt_tokens += int(getattr(u, "prompt_tokens", 0) or 0)
+            self.usage.completion_tokens += int(getattr(u, "completion_tokens", 0) or 0)
         return response
+
+    def _attempts(self) -> int:
+        """Attempts made by this thread's request; adds its retries to ``retries``."""
+        attempts = max(1, getattr(self._local, "attempts", 1))
+        with self._lock:
+            self.retries += attempts - 1
+        return attempts
 
     def chat(
         self,
@@ -465,20 +419,16 @@ class OpenAIChatClient:
         seed: int | None = None,
         **extra: Any,
     ) -> list[str]:
-        """Return the text of each returned choice (ordered by choice index)."""
+        """The text of each returned choice, ordered by choice index."""
         response = self.chat_completion(
             messages, temperature=temperature, top_p=top_p, max_tokens=max_tokens, n=n, stop=stop, seed=seed, **extra
         )
-        choices = response.get("choices")
-        if not isinstance(choices, list):
-            raise APIError(f"response from {self.url} has no 'choices' list: {json.dumps(response)[:500]}")
-        ordered = sorted(enumerate(choices), key=lambda ic: (ic[1].get("index", ic[0]) if isinstance(ic[1], dict) else ic[0]))
+        ordered = sorted(enumerate(response.choices), key=lambda ic: (ic[0] if ic[1].index is None else ic[1].index))
         texts = []
         for _, choice in ordered:
-            msg = choice.get("message") if isinstance(choice, dict) else None
-            content = msg.get("content") if isinstance(msg, dict) else None
-            if content is None and isinstance(choice, dict):
-                content = choice.get("text")  # completions-style servers
+            content = choice.message.content if choice.message is not None else None
+            if content is None:
+                content = getattr(choice, "text", None)  # completions-style servers
             if isinstance(content, list):  # content parts
                 content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
             texts.append(content or "")

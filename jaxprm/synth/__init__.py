@@ -9,6 +9,5 @@ Modules: ``format`` (tagged "[Visual Elements]"/"[Reasoning]" format: prompt, pa
 adapter, scripted puzzle solver), ``rollout`` (re-asks, batched MC values), ``judge`` (VLM judge
 over ``OpenAIChatClient``, scripted judge), ``fuse`` (label rules from ``jaxprm.data.labels``),
 ``run`` (resumable, sharded pipeline), ``report`` (label accuracy on the puzzle task), ``puzzle``
-(ground truth for puzzles), ``mock_server`` (local OpenAI-compatible server for offline runs),
-``config`` (defaults and ``--config.*`` overrides).
+(ground truth for puzzles), ``config`` (defaults and ``--config.*`` overrides).
 """

@@ -47,7 +47,7 @@ def base_config() -> ConfigDict:
         "api_key_env": "OPENAI_API_KEY", "temperature": 1.0, "top_p": 1.0, "max_tokens": 4096,
         "n_per_request": 0,  # 0: all K continuations of a prefix in one request
         "max_workers": 16, "prefix_mode": "continue_final_message", "send_seed": False,
-        "timeout": 120.0, "max_retries": 5, "backoff": 1.0, "max_backoff": 60.0, "jitter": 0.1,
+        "timeout": 120.0, "max_retries": 5,  # openai's per-attempt timeout and retries (backoff: openai's)
         "max_requests_per_second": 0.0,  # 0: no client-side limit
         "price_per_1k_prompt": 0.0, "price_per_1k_completion": 0.0, "extra_json": "",
     })
@@ -59,7 +59,7 @@ def base_config() -> ConfigDict:
         "temperature": -1.0,  # < 0: not sent (o-series models only take the default)
         "max_tokens": 0,  # 0: not sent
         "max_attempts": 3, "include_answer": True,
-        "timeout": 300.0, "max_retries": 6, "backoff": 2.0, "max_backoff": 120.0, "jitter": 0.1,
+        "timeout": 300.0, "max_retries": 6,
         "max_requests_per_second": 0.0,
         "price_per_1k_prompt": 0.0011, "price_per_1k_completion": 0.0044,  # o4-mini list price, USD
         "extra_json": "", "max_workers": 4, "keep_raw_chars": 2000,

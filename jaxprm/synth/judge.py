@@ -16,8 +16,8 @@ line ``{"section": "Visual Elements" | "Reasoning" | null, "index": k | null}`` 
 within the section; nulls = no error). ``parse_judge_output`` accepts that JSON (also with
 ``"step"`` = the 1-based tag number, a ``"first_incorrect_step"`` wrapper, or "no error"), and
 VL-PRM's analysis/conclusion format. Unparseable or out-of-range answers are re-asked up to
-``max_attempts`` times; HTTP retries, backoff, rate limiting and the cost counter come from
-``OpenAIChatClient``.
+``max_attempts`` times; HTTP retries and backoff (the ``openai`` package's), rate limiting and the
+cost counter come from ``OpenAIChatClient``.
 
 ``ScriptedJudge`` is the offline judge for the puzzle task: it knows the ground-truth first error
 and is wrong with probability ``noise`` (missing the error, pointing at another step, or flagging

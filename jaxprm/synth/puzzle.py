@@ -8,7 +8,7 @@ is the error step). The ground-truth first error of such a solution is therefore
 that differs from the correct solution (``ground_truth_first_error``).
 
 That comparison is only ground truth for solutions written in the task's own phrasing (the
-scripted policy, or a policy served by ``mock_server``); a real VLM's rollouts on puzzle images
+scripted policy, also when served over HTTP as in the tests); a real VLM's rollouts on puzzle images
 phrase steps differently and get ``None``.
 """
 from __future__ import annotations

@@ -78,7 +78,6 @@ def make_client(c: ConfigDict, default_key_env: str):
     rps = float(c.get("max_requests_per_second") or 0.0)
     return OpenAIChatClient(
         c.base_url, c.model, api_key=api_key, timeout=float(c.timeout), max_retries=int(c.max_retries),
-        backoff=float(c.backoff), max_backoff=float(c.max_backoff), jitter=float(c.jitter),
         max_requests_per_second=rps if rps > 0 else None, price_per_1k=price,
     )
 

@@ -1,6 +1,6 @@
-"""OpenAIChatClient against a small OpenAI-compatible server started by the test on 127.0.0.1.
+"""OpenAIChatClient (on the openai package) against the tests' fake server (tests/fake_openai.py).
 
-The server's behaviour is chosen by the request's ``model`` field:
+The fake's answer is chosen by the request's ``model`` field:
   echo       -> one choice per ``n`` echoing the last user text; usage = (10, 5 * n)
   flaky429   -> 429 (with or without Retry-After) on the first two requests, then echo
   flaky500   -> 503 on the first request, then echo
@@ -8,13 +8,12 @@ The server's behaviour is chosen by the request's ``model`` field:
   vllm400    -> 400 with a vLLM-style {"object": "error", "message": ...} body
   fewer      -> always returns a single choice whatever ``n`` is
   images     -> returns the decoded image bytes' length and MIME type of each image part
+  slow       -> answers after 0.6 s
+Choices come back in reverse index order on purpose: the client sorts them by index.
 """
 import base64
-import http.server
 import io
-import json
 import socket
-import threading
 import time
 
 import numpy as np
@@ -29,123 +28,42 @@ from jaxprm.search.openai_client import (
     build_messages,
     image_to_data_url,
 )
+from tests.fake_openai import FakeOpenAIServer, Reply, error_reply
 
 MAX_REQUESTS = 200  # the server refuses to serve more than this many requests
 
 
-class _State:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.counts: dict[str, int] = {}
-        self.bodies: list[dict] = []
-        self.headers: list[dict] = []
-        self.total = 0
-        self.retry_after: str | None = None
-
-
-def _make_handler(state: _State):
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):  # keep test output quiet
-            pass
-
-        def _send(self, status, obj, extra_headers=None):
-            data = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in (extra_headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_POST(self):
-            length = int(self.headers.get("Content-Length", 0))
-            raw = self.rfile.read(length)
-            with state.lock:
-                state.total += 1
-                over = state.total > MAX_REQUESTS
-            if over:
-                return self._send(503, {"error": {"message": "test server request budget exhausted"}})
-            if self.path != "/v1/chat/completions":
-                return self._send(404, {"detail": "Not Found"})
-            body = json.loads(raw)
-            model = body.get("model")
-            with state.lock:
-                state.bodies.append(body)
-                state.headers.append(dict(self.headers))
-                count = state.counts.get(model, 0) + 1
-                state.counts[model] = count
-            if model == "flaky429" and count <= 2:
-                hdrs = {"Retry-After": state.retry_after} if state.retry_after is not None else {}
-                return self._send(429, {"error": {"message": "rate limited"}}, hdrs)
-            if model == "flaky500" and count <= 1:
-                return self._send(503, {"error": {"message": "overloaded"}})
-            if model == "bad400":
-                return self._send(
-                    400,
-                    {"error": {"message": "max_tokens must be at least 1, got -3.", "type": "BadRequestError", "code": 400}},
-                )
-            if model == "vllm400":
-                return self._send(400, {"object": "error", "message": "This model's maximum context length is 32 tokens.", "code": 400})
-
-            n = int(body.get("n", 1))
-            if model == "fewer":
-                n = 1
-            last = body["messages"][-1]["content"]
-            if isinstance(last, list):
-                texts = [p["text"] for p in last if p.get("type") == "text"]
-                images = [p["image_url"]["url"] for p in last if p.get("type") == "image_url"]
-            else:
-                texts, images = [last], []
-            if model == "images":
-                desc = []
-                for url in images:
-                    head, b64 = url.split(",", 1)
-                    desc.append(f"{head}|{len(base64.b64decode(b64))}")
-                content = ";".join(desc)
-            else:
-                content = " ".join(texts)
-            choices = [
-                {"index": i, "message": {"role": "assistant", "content": f"{content} #{i}"}, "finish_reason": "stop"}
-                for i in reversed(range(n))  # out of order on purpose: the client sorts by index
-            ]
-            return self._send(
-                200,
-                {
-                    "id": "cmpl-test",
-                    "object": "chat.completion",
-                    "model": model,
-                    "choices": choices,
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5 * n, "total_tokens": 10 + 5 * n},
-                },
-            )
-
-    return Handler
+def _reply(body):
+    model = body.get("model")
+    if model == "bad400":
+        return error_reply(400, "max_tokens must be at least 1, got -3.")
+    if model == "vllm400":
+        return Reply(400, {"object": "error", "message": "This model's maximum context length is 32 tokens.",
+                           "code": 400})
+    if model == "slow":
+        time.sleep(0.6)
+    n = int(body.get("n", 1))
+    last = body["messages"][-1]["content"]
+    if isinstance(last, list):
+        texts = [p["text"] for p in last if p.get("type") == "text"]
+        images = [p["image_url"]["url"] for p in last if p.get("type") == "image_url"]
+    else:
+        texts, images = [last], []
+    if model == "images":
+        content = ";".join(f"{url.split(',', 1)[0]}|{len(base64.b64decode(url.split(',', 1)[1]))}" for url in images)
+    else:
+        content = " ".join(texts)
+    return [f"{content} #{i}" for i in range(1 if model == "fewer" else n)]
 
 
 @pytest.fixture
-def server(request):
-    state = _State()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(state))
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-
-    def fin():
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
-
-    request.addfinalizer(fin)
-    host, port = httpd.server_address[:2]
-    return f"http://{host}:{port}/v1", state
+def server():
+    with FakeOpenAIServer(_reply, max_requests=MAX_REQUESTS, reverse_choices=True, usage=(10, 5)) as srv:
+        yield srv.base_url, srv
 
 
 def _client(base_url, model="echo", **kw):
     kw.setdefault("timeout", 5)
-    kw.setdefault("backoff", 0.001)
     kw.setdefault("api_key", "sk-test")
     return OpenAIChatClient(base_url, model, **kw)
 
@@ -159,88 +77,91 @@ def _png_bytes(color=(255, 0, 0)):
 
 
 def test_echo_and_request_body(server):
-    base_url, state = server
+    base_url, srv = server
     client = _client(base_url)
     out = client.chat(
         [{"role": "user", "content": "hello"}], temperature=0.7, top_p=0.9, max_tokens=16, n=3, stop="\n\n", seed=7
     )
     assert out == ["hello #0", "hello #1", "hello #2"]
-    body = state.bodies[-1]
+    body = srv.bodies[-1]
     assert body["model"] == "echo"
     assert body["temperature"] == 0.7 and body["top_p"] == 0.9 and body["max_tokens"] == 16
     assert body["n"] == 3 and body["stop"] == ["\n\n"] and body["seed"] == 7
-    assert state.headers[-1]["Authorization"] == "Bearer sk-test"
+    assert srv.headers[-1]["Authorization"] == "Bearer sk-test"
 
 
 def test_unset_sampling_params_are_not_sent(server):
-    base_url, state = server
+    base_url, srv = server
     _client(base_url).chat([{"role": "user", "content": "x"}])
-    body = state.bodies[-1]
+    body = srv.bodies[-1]
     assert set(body) == {"model", "messages", "n"}
 
 
 def test_api_key_from_env(server, monkeypatch):
-    base_url, state = server
+    base_url, srv = server
     monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
     client = OpenAIChatClient(base_url, "echo", timeout=5)
     client.chat([{"role": "user", "content": "x"}])
-    assert state.headers[-1]["Authorization"] == "Bearer sk-from-env"
+    assert srv.headers[-1]["Authorization"] == "Bearer sk-from-env"
     monkeypatch.delenv("OPENAI_API_KEY")
     OpenAIChatClient(base_url, "echo", timeout=5).chat([{"role": "user", "content": "x"}])
-    assert "Authorization" not in state.headers[-1]
+    assert "Authorization" not in srv.headers[-1]
 
 
 def test_429_twice_then_success_with_backoff(server):
-    base_url, state = server
-    slept = []
-    client = _client(base_url, model="flaky429", backoff=0.01, sleep=lambda s: (slept.append(s), time.sleep(s)))
+    base_url, srv = server
+    srv.fail("flaky429", times=2, status=429, message="rate limited")  # no Retry-After: openai's backoff
+    client = _client(base_url, model="flaky429")
     t0 = time.monotonic()
     assert client.chat([{"role": "user", "content": "retry me"}]) == ["retry me #0"]
     elapsed = time.monotonic() - t0
-    assert state.counts["flaky429"] == 3
+    assert srv.counts["flaky429"] == 3
     assert client.retries == 2
-    assert client.retry_delays == pytest.approx([0.01, 0.02])  # exponential: backoff * 2**attempt
-    assert slept == pytest.approx([0.01, 0.02])
-    assert elapsed >= 0.03
+    # exponential backoff as the module docstring states: 0.5 s then 1 s, each less up to 25 % jitter
+    assert elapsed >= 0.75 * (0.5 + 1.0)
     assert client.usage.requests == 1  # failed attempts carry no usage
 
 
 def test_retry_after_header_is_honoured(server):
-    base_url, state = server
-    state.retry_after = "0.05"
-    slept = []
-    client = _client(base_url, model="flaky429", backoff=10.0, sleep=slept.append)
+    base_url, srv = server
+    srv.fail("flaky429", times=2, status=429, headers={"Retry-After": "0.05"})
+    client = _client(base_url, model="flaky429")
+    t0 = time.monotonic()
     client.chat([{"role": "user", "content": "x"}])
-    assert slept == pytest.approx([0.05, 0.05])  # Retry-After overrides the 10 s backoff
+    elapsed = time.monotonic() - t0
+    # Retry-After overrides the backoff (which would take >= 1.125 s for two retries)
+    assert 0.1 <= elapsed < 1.0 and client.retries == 2
 
 
 def test_retries_exhausted_raises_status_error(server):
-    base_url, state = server
-    client = _client(base_url, model="flaky429", max_retries=1, sleep=lambda s: None)
+    base_url, srv = server
+    srv.fail("flaky429", times=2, status=429, headers={"Retry-After": "0.01"}, message="rate limited")
+    client = _client(base_url, model="flaky429", max_retries=1)
     with pytest.raises(APIStatusError) as ei:
         client.chat([{"role": "user", "content": "x"}])
     assert ei.value.status == 429 and "rate limited" in str(ei.value)
-    assert ei.value.attempts == 2
-    assert state.counts["flaky429"] == 2
+    assert ei.value.attempts == 2 and "after 2 attempts" in str(ei.value)
+    assert srv.counts["flaky429"] == 2 and client.retries == 1
 
 
 def test_5xx_is_retried(server):
-    base_url, state = server
-    client = _client(base_url, model="flaky500", sleep=lambda s: None)
+    base_url, srv = server
+    srv.fail("flaky500", times=1, status=503, headers={"Retry-After": "0.01"}, message="overloaded")
+    client = _client(base_url, model="flaky500")
     assert client.chat([{"role": "user", "content": "y"}]) == ["y #0"]
-    assert state.counts["flaky500"] == 2 and client.retries == 1
+    assert srv.counts["flaky500"] == 2 and client.retries == 1
 
 
 def test_400_surfaces_server_message_without_retry(server):
-    base_url, state = server
-    client = _client(base_url, model="bad400", sleep=lambda s: pytest.fail("must not retry a 400"))
+    base_url, srv = server
+    client = _client(base_url, model="bad400")
     with pytest.raises(APIStatusError) as ei:
         client.chat([{"role": "user", "content": "x"}], max_tokens=-3)
     err = ei.value
-    assert err.status == 400
+    assert err.status == 400 and err.attempts == 1
     assert err.message == "max_tokens must be at least 1, got -3."
     assert "HTTP 400" in str(err) and "max_tokens must be at least 1" in str(err)
-    assert state.counts["bad400"] == 1
+    assert srv.counts["bad400"] == 1 and client.retries == 0
 
 
 def test_vllm_style_error_body(server):
@@ -263,11 +184,22 @@ def test_connection_refused_retries_then_raises():
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    slept = []
-    client = OpenAIChatClient(f"http://127.0.0.1:{port}/v1", "m", timeout=2, max_retries=2, backoff=0.001, sleep=slept.append)
-    with pytest.raises(APIConnectionError, match="after 3 attempts"):
+    client = OpenAIChatClient(f"http://127.0.0.1:{port}/v1", "m", timeout=2, max_retries=2)
+    with pytest.raises(APIConnectionError, match="after 3 attempts") as ei:
         client.chat([{"role": "user", "content": "x"}])
-    assert slept == pytest.approx([0.001, 0.002])
+    assert f"127.0.0.1:{port}" in str(ei.value) and client.retries == 2
+
+
+def test_timeout_per_attempt_and_worst_case(server):
+    base_url, srv = server
+    client = _client(base_url, model="slow", timeout=0.2, max_retries=1)
+    t0 = time.monotonic()
+    with pytest.raises(APIConnectionError, match="after 2 attempts.*Timeout"):
+        client.chat([{"role": "user", "content": "x"}])
+    elapsed = time.monotonic() - t0
+    # the documented worst case: (max_retries + 1) * timeout + backoff (0.5 s), plus slack for this machine
+    assert 2 * 0.2 <= elapsed < 2 * 0.2 + 0.5 + 1.0
+    assert srv.counts["slow"] == 2
 
 
 def test_usage_and_cost(server):
@@ -287,7 +219,7 @@ def test_usage_and_cost(server):
 
 
 def test_images_received_as_data_urls(server):
-    base_url, state = server
+    base_url, srv = server
     png = _png_bytes()
     from PIL import Image
 
@@ -295,7 +227,7 @@ def test_images_received_as_data_urls(server):
     client = _client(base_url, model="images")
     out = client.sample_solutions([png, pil], "what colour?", n=2, system_prompt="be brief", temperature=1.0)
     assert len(out) == 2
-    parts = state.bodies[-1]["messages"]
+    parts = srv.bodies[-1]["messages"]
     assert parts[0] == {"role": "system", "content": "be brief"}
     content = parts[1]["content"]
     assert [p["type"] for p in content] == ["image_url", "image_url", "text"]
@@ -310,11 +242,11 @@ def test_images_received_as_data_urls(server):
 
 
 def test_sample_solutions_tops_up_when_server_ignores_n(server):
-    base_url, state = server
+    base_url, srv = server
     client = _client(base_url, model="fewer")
     out = client.sample_solutions(None, "q", n=3)
     assert out == ["q #0"] * 3
-    assert [b["n"] for b in state.bodies] == [3, 2, 1]
+    assert [b["n"] for b in srv.bodies] == [3, 2, 1]
 
 
 def test_rate_limiter_spacing(server):
@@ -324,6 +256,15 @@ def test_rate_limiter_spacing(server):
     for _ in range(4):
         client.chat([{"role": "user", "content": "x"}])
     assert time.monotonic() - t0 >= 0.06 - 1e-3
+
+
+def test_rate_limiter_spaces_retries_too(server):
+    base_url, srv = server
+    srv.fail("flaky429", times=2, status=429, headers={"Retry-After": "0.01"})
+    client = _client(base_url, model="flaky429", max_requests_per_second=5)  # >= 200 ms between attempts
+    t0 = time.monotonic()
+    client.chat([{"role": "user", "content": "x"}])
+    assert time.monotonic() - t0 >= 0.4 - 1e-3 and srv.counts["flaky429"] == 3
 
 
 def test_rate_limiter_unit():
@@ -385,7 +326,7 @@ def test_argument_validation(server):
 
 
 def test_loopback_bypasses_env_proxy(server, monkeypatch):
-    base_url, state = server
+    base_url, srv = server
     # a proxy that does not exist: requests to the loopback server must not go through it
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")

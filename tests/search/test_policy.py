@@ -1,15 +1,12 @@
 """Policies: step-wise continuation logic, the OpenAI-compatible policy against a local HTTP
 server, and the scripted policy of the embedded puzzle task."""
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
 from jaxprm.data import synthetic as syn
 from jaxprm.search.openai_client import OpenAIChatClient
 from jaxprm.search.policy import DEFAULT_INSTRUCTION, JaxPolicy, OpenAIPolicy, Policy, ScriptedPolicy
 from jaxprm.search.steps import clean_step, extract_final_answer, join_steps, split_steps
+from tests.fake_openai import FakeOpenAIServer
 
 
 # ------------------------------------------------------------------------------------------------
@@ -55,53 +52,30 @@ def test_jax_policy_full_solutions_in_batches():
 # ------------------------------------------------------------------------------------------------
 # OpenAIPolicy against a local server
 # ------------------------------------------------------------------------------------------------
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *a):  # keep test output clean
-        pass
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(body)
-        n = body.get("n", 1)
-        msgs = body["messages"]
-        if msgs[-1]["role"] == "assistant":  # continuation of a partial answer
-            k = msgs[-1]["content"].count("\n\n")
-            texts = [f"Step {k + 1} option {i}." for i in range(n)]
-            if msgs[-1]["content"].endswith("[Reasoning]\n\n"):
-                texts = ["Thus \\boxed{7}."] * n
-            elif k == 1:
-                texts[0] = "[Reasoning]"  # a header alone: the policy must ask again
-                texts[-1] = "Last.\n\nThis server ignores stop strings."
-        else:
-            texts = [f"Solution {i}.\n\nThe answer is \\boxed{{{i}}}." for i in range(n)]
-        texts = texts[: self.server.max_choices]
-        resp = {"choices": [{"index": i, "message": {"role": "assistant", "content": t}} for i, t in enumerate(texts)],
-                "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
-        data = json.dumps(resp).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+def _reply(body):
+    n = body.get("n", 1)
+    msgs = body["messages"]
+    if msgs[-1]["role"] == "assistant":  # continuation of a partial answer
+        k = msgs[-1]["content"].count("\n\n")
+        texts = [f"Step {k + 1} option {i}." for i in range(n)]
+        if msgs[-1]["content"].endswith("[Reasoning]\n\n"):
+            texts = ["Thus \\boxed{7}."] * n
+        elif k == 1:
+            texts[0] = "[Reasoning]"  # a header alone: the policy must ask again
+            texts[-1] = "Last.\n\nThis server ignores stop strings."
+    else:
+        texts = [f"Solution {i}.\n\nThe answer is \\boxed{{{i}}}." for i in range(n)]
+    return texts
 
 
 @pytest.fixture
 def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.requests, srv.max_choices = [], 100
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    try:
+    with FakeOpenAIServer(_reply, usage=(3, 2)) as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        t.join(timeout=5)
 
 
 def _client(srv):
-    return OpenAIChatClient(f"http://127.0.0.1:{srv.server_address[1]}/v1", "policy-model", api_key="k",
-                            timeout=10, max_retries=0)
+    return OpenAIChatClient(srv.base_url, "policy-model", api_key="k", timeout=10, max_retries=0)
 
 
 def test_openai_policy_solutions_and_top_up(server):
@@ -110,8 +84,8 @@ def test_openai_policy_solutions_and_top_up(server):
     sols = pol.sample_solutions(b"\x89PNG\r\n\x1a\nfake", "Count the shapes.", 3, seed=1, max_new_tokens=100)
     assert sols == ["Solution 0.\n\nThe answer is \\boxed{0}.", "Solution 1.\n\nThe answer is \\boxed{1}.",
                     "Solution 0.\n\nThe answer is \\boxed{0}."]
-    assert [r["n"] for r in server.requests] == [3, 1]
-    r = server.requests[0]
+    assert [r["n"] for r in server.bodies] == [3, 1]
+    r = server.bodies[0]
     assert r["model"] == "policy-model" and r["temperature"] == 0.7 and r["max_tokens"] == 100 and r["seed"] == 1
     assert "stop" not in r and "continue_final_message" not in r
     (user,) = r["messages"]
@@ -122,12 +96,12 @@ def test_openai_policy_solutions_and_top_up(server):
 def test_openai_policy_next_steps_continue_final_message(server):
     pol = OpenAIPolicy(_client(server))
     assert pol.sample_next_steps(None, "Q?", [], 2) == ["Solution 0.", "Solution 1."]
-    first = server.requests[-1]
+    first = server.bodies[-1]
     # no steps yet: an ordinary request that stops at the first blank line
     assert first["messages"][-1]["role"] == "user" and first["stop"] == ["\n\n"] and first["max_tokens"] == 256
     steps = pol.sample_next_steps(None, "Q?", ["[Visual Elements]\nA red circle."], 3, temperature=1.0)
     assert steps == ["[Reasoning]\nThus \\boxed{7}.", "Step 2 option 1.", "Last."]
-    req, again = server.requests[-2:]
+    req, again = server.bodies[-2:]
     assert req["messages"][-1] == {"role": "assistant", "content": "[Visual Elements]\nA red circle.\n\n"}
     assert req["continue_final_message"] is True and req["add_generation_prompt"] is False
     assert req["stop"] == ["\n\n"] and req["n"] == 3 and req["temperature"] == 1.0
@@ -137,7 +111,7 @@ def test_openai_policy_next_steps_continue_final_message(server):
 def test_openai_policy_user_prompt_continuation(server):
     pol = OpenAIPolicy(_client(server), instruction="Solve it.", continuation="user_prompt", system_prompt="Be brief.")
     pol.sample_next_steps(None, "Q?", ["One.", "Two."], 1)
-    req = server.requests[-1]
+    req = server.bodies[-1]
     assert [m["role"] for m in req["messages"]] == ["system", "user"]
     text = req["messages"][-1]["content"][-1]["text"]
     assert text.startswith("Q?\n\nSolve it.\n\n") and "One.\n\nTwo." in text and "next step" in text

@@ -1,15 +1,14 @@
-"""End to end over HTTP: the pipeline against OpenAI-compatible servers started by the test.
+"""End to end over HTTP: the pipeline against the tests' fake OpenAI-compatible server
+(tests/fake_openai.py) on 127.0.0.1.
 
-1. An independent, minimal judge server (ThreadingHTTPServer on 127.0.0.1, port 0): it answers
-   /v1/chat/completions with the judge's JSON verdict (the puzzle's true first error), rate-limits
-   the first request with a 429, and refuses to serve more than a fixed number of requests.
-2. ``jaxprm.synth.mock_server`` serving both the policy (rollouts and MC continuations, with
-   ``continue_final_message`` prefixes) and a noisy judge.
+1. A truthful judge: it answers with the judge's JSON verdict (the puzzle's true first error),
+   rate-limits the first request with a 429, and refuses to serve more than a fixed number of
+   requests.
+2. The scripted puzzle policy (rollouts and MC continuations, with ``continue_final_message``
+   prefixes) and a noisy scripted judge, both behind one server, routed by the request's model.
 """
-import http.server
 import json
 import re
-import threading
 
 import pytest
 
@@ -18,12 +17,14 @@ from jaxprm.synth import format as F
 from jaxprm.synth import puzzle as PZ
 from jaxprm.synth.config import base_config
 from jaxprm.synth.judge import ScriptedJudge
-from jaxprm.synth.mock_server import MockOpenAIServer
-from jaxprm.synth.policies import ScriptedPuzzlePolicy
+from jaxprm.synth.policies import GenRequest, ScriptedPuzzlePolicy
 from jaxprm.synth.run import ShardStore, load_questions, run
+from tests.fake_openai import FakeOpenAIServer, error_reply
 
 MAX_REQUESTS = 200
 N_QUESTIONS = 5
+_QUESTION_RE = re.compile(r"<question>\s*(.*?)\s*</question>", re.DOTALL)
+_SOLUTION_RE = re.compile(r"<solution>\s*(.*?)\s*</solution>", re.DOTALL)
 
 
 def _cfg():
@@ -36,95 +37,87 @@ def _cfg():
     c.policy.malformed_rate = 0.2
     c.progress = False
     for part in (c.policy, c.judge):
-        part.backoff = 0.01
-        part.jitter = 0.0
         part.timeout = 20.0
         part.max_retries = 3
     return c
 
 
-class _JudgeState:
-    def __init__(self, questions):
-        self.lock = threading.Lock()
-        self.total = 0
-        self.ok = 0
-        self.auth = []
-        self.by_key = {(image_to_data_url(q.images[0]), q.question): q for q in questions}
+def _user_parts(body):
+    """(first image URL, all text) of the request's user messages."""
+    url, text = "", ""
+    for m in body.get("messages") or []:
+        if m.get("role") != "user":
+            continue
+        content = m.get("content")
+        for p in content if isinstance(content, list) else [{"type": "text", "text": content or ""}]:
+            if p.get("type") == "image_url" and not url:
+                url = p["image_url"]["url"]
+            elif p.get("type") == "text":
+                text += p.get("text") or ""
+    return url, text
 
 
-def _judge_handler(state):
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True
+def _truthful_judge(questions):
+    by_key = {(image_to_data_url(q.images[0]), q.question): q for q in questions}
 
-        def log_message(self, *a):
-            pass
+    def reply(body):
+        if body.get("model") != "judge-model":
+            return error_reply(404, "not found")
+        url, text = _user_parts(body)
+        question = re.search(r"<question>\n(.*?)\n</question>", text, re.DOTALL).group(1)
+        solution = re.search(r"<solution>\n(.*?)\n</solution>", text, re.DOTALL).group(1)
+        q = by_key[(url, question)]
+        sol = F.parse_solution(solution, require_answer=False)
+        fe = PZ.ground_truth_first_error(q, sol.flat())
+        if fe is None:
+            verdict = {"section": None, "index": None}
+        elif fe < len(sol.perception):
+            verdict = {"section": "Visual Elements", "index": fe}
+        else:
+            verdict = {"section": "Reasoning", "index": fe - len(sol.perception)}
+        return ["Step by step analysis...\n" + json.dumps(verdict)]
 
-        def _send(self, status, obj, headers=None):
-            data = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(data)
+    return reply
 
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with state.lock:
-                state.total += 1
-                n = state.total
-                state.auth.append(self.headers.get("Authorization"))
-            if n > MAX_REQUESTS:
-                return self._send(400, {"error": {"message": "request budget exhausted"}})
-            if self.path != "/v1/chat/completions" or body.get("model") != "judge-model":
-                return self._send(404, {"error": {"message": "not found"}})
-            if n == 1:
-                return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
-            content = body["messages"][-1]["content"]
-            url = next(p["image_url"]["url"] for p in content if p["type"] == "image_url")
-            text = next(p["text"] for p in content if p["type"] == "text")
-            question = re.search(r"<question>\n(.*?)\n</question>", text, re.DOTALL).group(1)
-            solution = re.search(r"<solution>\n(.*?)\n</solution>", text, re.DOTALL).group(1)
-            q = state.by_key[(url, question)]
-            sol = F.parse_solution(solution, require_answer=False)
-            fe = PZ.ground_truth_first_error(q, sol.flat())
-            if fe is None:
-                verdict = {"section": None, "index": None}
-            elif fe < len(sol.perception):
-                verdict = {"section": "Visual Elements", "index": fe}
-            else:
-                verdict = {"section": "Reasoning", "index": fe - len(sol.perception)}
-            with state.lock:
-                state.ok += 1
-            reply = "Step by step analysis...\n" + json.dumps(verdict)
-            return self._send(200, {
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}],
-                "usage": {"prompt_tokens": 1000, "completion_tokens": 100},
-            })
 
-    return Handler
+def _scripted_models(questions, policy, judge, policy_model="scripted-policy", judge_model="scripted-judge"):
+    """A reply playing ``policy`` and ``judge`` (scripted) for the questions, found by image and
+    question text; a policy request ending in an assistant message continues that prefix."""
+    by_key = {(image_to_data_url(q.images[0]) if q.images else "", F.format_question(q.question, q.choices).strip()): q
+              for q in questions}
+
+    def reply(body):
+        model, messages, n = body.get("model"), body.get("messages") or [], int(body.get("n") or 1)
+        url, text = _user_parts(body)
+        m = _QUESTION_RE.search(text)
+        q = by_key.get((url, m.group(1).strip())) if m else None
+        if q is None:
+            return error_reply(400, "unknown question/image" if m else "no <question> block in the user message")
+        if model == policy_model:
+            last = messages[-1] if messages else {}
+            prefix = last.get("content") if last.get("role") == "assistant" else None
+            return policy.generate([GenRequest(q, n, prefix=prefix, tag=f"seed={body.get('seed')}")])[0]
+        if model == judge_model:
+            m = _SOLUTION_RE.search(text)
+            if not m:
+                return error_reply(400, "no <solution> block")
+            steps = F.parse_solution(m.group(1), require_answer=False).steps()
+            return [judge.respond(q, steps) for _ in range(n)]
+        return error_reply(404, f"model {model!r} not served")
+
+    return reply
 
 
 @pytest.fixture
 def judge_server():
-    questions = load_questions(_cfg())
-    state = _JudgeState(questions)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _judge_handler(state))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with FakeOpenAIServer(_truthful_judge(load_questions(_cfg())), max_requests=MAX_REQUESTS,
+                          usage=(1000, 100)) as srv:
+        srv.fail("judge-model", times=1, status=429, headers={"Retry-After": "0.01"}, message="slow down")
+        yield srv.base_url, srv
 
 
 def test_pipeline_with_http_judge(judge_server, tmp_path, monkeypatch):
-    url, state = judge_server
+    url, srv = judge_server
     monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test")
     cfg = _cfg()
     cfg.judge.kind = "openai"
@@ -138,12 +131,12 @@ def test_pipeline_with_http_judge(judge_server, tmp_path, monkeypatch):
     assert stats["complete"] and stats["questions_done"] == N_QUESTIONS
     n_judged = stats["judge"]["calls"]
     assert n_judged == stats["n_records"] > 0
-    assert state.total == n_judged + 1 and state.ok == n_judged  # one 429, retried
+    assert srv.total == srv.counts["judge-model"] == n_judged + 1  # one 429, retried
     u = stats["usage"]["judge"]
     assert u["retries"] == 1 and u["requests"] == n_judged
     assert u["prompt_tokens"] == 1000 * n_judged and u["completion_tokens"] == 100 * n_judged
     assert u["cost"] == pytest.approx(n_judged * (1.0 * 0.001 + 0.1 * 0.004))
-    assert set(state.auth) == {"Bearer sk-test"}
+    assert {h["Authorization"] for h in srv.headers} == {"Bearer sk-test"}
     # a truthful judge: judge-only labels are exactly right where they are given
     rep = stats["report"]["rules"]
     assert rep["judge"]["accuracy"] == 1.0 and rep["hybrid"]["wrong"] == 0
@@ -155,27 +148,26 @@ def test_pipeline_with_http_judge(judge_server, tmp_path, monkeypatch):
 def test_pipeline_with_http_policy_and_judge(tmp_path):
     cfg = _cfg()
     questions = load_questions(cfg)
-    with MockOpenAIServer(
-        questions,
-        policy=ScriptedPuzzlePolicy(malformed_rate=0.2, seed=1),
-        judge=ScriptedJudge(noise=0.3, seed=1),
-        fail_first={"scripted-policy": 1, "scripted-judge": 1},
-        max_requests=2000,
-    ) as srv:
+    reply = _scripted_models(questions, ScriptedPuzzlePolicy(malformed_rate=0.2, seed=1),
+                             ScriptedJudge(noise=0.3, seed=1))
+    policy_model, judge_model = "scripted-policy", "scripted-judge"
+    with FakeOpenAIServer(reply, max_requests=2000) as srv:
+        for model in (policy_model, judge_model):
+            srv.fail(model, times=1, status=429, headers={"Retry-After": "0.01"})
         for part in (cfg.policy, cfg.judge):
             part.kind = "openai"
             part.base_url = srv.base_url
             part.api_key_env = ""
-        cfg.policy.model, cfg.judge.model = srv.policy_model, srv.judge_model
+        cfg.policy.model, cfg.judge.model = policy_model, judge_model
         cfg.policy.send_seed = True
         cfg.policy.max_workers = 4
         cfg.ground_truth = "canonical"
         stats = run(cfg, str(tmp_path))
         counts = dict(srv.counts)
-        mc_bodies = [b for b in srv.bodies if b["model"] == srv.policy_model and b["messages"][-1]["role"] == "assistant"]
+        mc_bodies = [b for b in srv.bodies if b["model"] == policy_model and b["messages"][-1]["role"] == "assistant"]
     assert stats["complete"] and stats["n_records"] > 0
     assert stats["usage"]["policy"]["retries"] == 1 and stats["usage"]["judge"]["retries"] == 1
-    assert counts[srv.policy_model] == stats["usage"]["policy"]["requests"] + 1
+    assert counts[policy_model] == stats["usage"]["policy"]["requests"] + 1
     # one request of n=K per step prefix, continued with vLLM's continue_final_message
     assert mc_bodies and all(b["n"] == 4 and b["continue_final_message"] and not b["add_generation_prompt"]
                              for b in mc_bodies)
