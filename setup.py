@@ -19,12 +19,16 @@ setup(
         "array-record>=0.7",
         "tensorflow-datasets>=4.9.7",
         "ml-collections>=1.0",
+        "absl-py>=1.4",
+        "ml-dtypes>=0.4",
         "transformers>=4.50",
+        "jinja2>=3.1",  # chat templates (transformers' apply_chat_template needs it but does not require it)
         "tokenizers>=0.21",
         "safetensors>=0.4",
         "numpy>=1.26",
         "pillow>=10",
         "tqdm>=4.66",
+        "openai>=1.40",  # OpenAI-compatible policy / judge client (jaxprm.search.openai_client)
         "pyarrow>=15",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",

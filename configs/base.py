@@ -18,6 +18,9 @@ def get_config():
     c.model.head = "lm_rows"  # lm_rows ("+"/"-" rows of the lm head) | linear
     c.model.seed = 0
     c.model.system_prompt = ""  # "": the VL-PRM system prompt (jaxprm.data.prompt.PRM_SYSTEM_PROMPT)
+    # assistant turns of earlier steps in the training prompt: "placeholder" ("+" everywhere: the prompt
+    # PRM.score uses) | "labels" (teacher-forced true labels; scores then differ from training)
+    c.model.history = "placeholder"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "tfds"  # synthetic | records | tfds
@@ -30,6 +33,9 @@ def get_config():
     c.data.synthetic_train = 2000  # source=synthetic: number of generated puzzles
     c.data.synthetic_eval = 200
     c.data.synthetic_image_size = 112
+    c.data.synthetic_error_rate = 0.5  # share of solutions with one injected error
+    c.data.synthetic_perception_share = 0.5  # share of those errors that are perception errors
+    c.data.synthetic_question_types = ()  # (): all of jaxprm.data.synthetic.QUESTION_TYPES
     c.data.train_split = "train"
     c.data.eval_split = "validation"
     c.data.seq_buckets = (1024, 2048)
@@ -60,6 +66,9 @@ def get_config():
     c.train.epochs = 2
     c.train.max_steps = 0  # > 0: stop after this many steps (the schedule still spans the epochs)
     c.train.class_weights = (1.0, 1.0)  # weight of "+" and "-" steps in the loss
+    # > 0: add this times the next-token loss on the prompt text (a dense signal for a backbone trained
+    # from random init, like the tiny default; forms full-vocabulary logits, so 0 for real backbones)
+    c.train.lm_loss_weight = 0.0
     c.train.log_every = 10
     c.train.eval_every = 200
     c.train.eval_batches = 0  # 0: the whole eval split

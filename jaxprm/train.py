@@ -38,11 +38,15 @@ class ConfigError(ValueError):
     pass
 
 
+class TrainingError(RuntimeError):
+    """The run cannot produce a model (e.g. no step could be trained); nothing is exported."""
+
+
 # ------------------------------------------------------------------------------------------------
 # config validation (once, at start-up, with messages that say what to change)
 # ------------------------------------------------------------------------------------------------
 def validate_config(c) -> None:
-    from jaxprm.models.prm import HEADS
+    from jaxprm.models.prm import HEADS, HISTORIES
     from jaxprm.models.remat import NAMES as REMATS
     from jaxprm.models.attention import IMPLS
 
@@ -67,6 +71,7 @@ def validate_config(c) -> None:
     need(m.attn_impl in IMPLS, f"model.attn_impl must be one of {IMPLS}, got {m.attn_impl!r}")
     need(m.remat in REMATS, f"model.remat must be one of {REMATS}, got {m.remat!r}")
     need(m.head in HEADS, f"model.head must be one of {HEADS}, got {m.head!r}")
+    need(m.history in HISTORIES, f"model.history must be one of {HISTORIES}, got {m.history!r}")
     need(d.source in SOURCES, f"data.source must be one of {SOURCES}, got {d.source!r}")
     if d.source == "records":
         need(bool(d.records), "data.source='records' needs --config.data.records=FILE_OR_DIR")
@@ -87,6 +92,7 @@ def validate_config(c) -> None:
          f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
     need(t.epochs > 0, f"train.epochs must be > 0, got {t.epochs}")
     need(len(t.class_weights) == 2 and min(t.class_weights) > 0, "train.class_weights must be two positive numbers (+, -)")
+    need(t.lm_loss_weight >= 0, f"train.lm_loss_weight must be >= 0, got {t.lm_loss_weight}")
     for k in ("log_every", "eval_every", "save_every"):
         need(getattr(t, k) > 0, f"train.{k} must be > 0")
     if not errs:
@@ -152,9 +158,9 @@ def prepare_data(c) -> str:
         if c.data.source == "synthetic":
             from jaxprm.data.synthetic import generate_records
 
-            size = (c.data.synthetic_image_size,) * 2
-            train = generate_records(c.data.synthetic_train, seed=c.model.seed, image_size=size)
-            evals = generate_records(c.data.synthetic_eval, seed=c.model.seed + 10_000, image_size=size)
+            task = synthetic_task(c)
+            train = generate_records(c.data.synthetic_train, seed=c.model.seed, **task)
+            evals = generate_records(c.data.synthetic_eval, seed=c.model.seed + 10_000, **task)
             tfds_builder.build_dataset({c.data.train_split: train, c.data.eval_split: evals}, data_dir,
                                        progress=c.train.progress)
         else:
@@ -172,6 +178,17 @@ def prepare_data(c) -> str:
     return data_dir
 
 
+def synthetic_task(c) -> dict:
+    """The embedded task's settings (``generate_records`` keywords), saved in the PRM's spec so that
+    ``python -m jaxprm.eval synthetic`` measures the PRM on the task it was trained on."""
+    from jaxprm.data.synthetic import task_settings
+
+    d = c.data
+    return task_settings(image_size=(d.synthetic_image_size,) * 2, error_rate=d.synthetic_error_rate,
+                         perception_error_share=d.synthetic_perception_share,
+                         question_types=tuple(d.synthetic_question_types) or None)
+
+
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -180,8 +197,10 @@ def _sync(name: str) -> None:
 
 
 def pipeline_config(c, *, train: bool, seed: int):
+    """Training batches use the prompt of ``model.history``; evaluation batches always use the scoring
+    prompt (placeholders in every assistant turn), so eval numbers are what ``PRM.score`` gives."""
     from jaxprm.data.pipeline import PipelineConfig
-    from jaxprm.data.prompt import PRM_SYSTEM_PROMPT
+    from jaxprm.data.prompt import PRM_SYSTEM_PROMPT, encode_mode
 
     d = c.data
     return PipelineConfig(
@@ -190,7 +209,7 @@ def pipeline_config(c, *, train: bool, seed: int):
         seq_buckets=tuple(d.seq_buckets), patch_buckets=tuple(d.patch_buckets), max_steps=d.max_steps,
         max_images=d.max_images, packing=d.packing, seed=seed, shuffle=train,
         num_epochs=c.train.epochs if train else 1, drop_remainder=train, worker_count=d.worker_count,
-        label_mode="train")
+        label_mode=encode_mode(c.model.history, train=train))
 
 
 def estimate_flops_per_token(cfg) -> float:
@@ -256,7 +275,8 @@ def train(c, *, step_hook=None) -> dict:
     os.makedirs(c.workdir, exist_ok=True)
     mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     model_cfg, tok, ip = model_assets(c)
-    spec = dataclasses.replace(ckpt.default_spec(tok, head=c.model.head), system_prompt=c.model.system_prompt or None)
+    spec = dataclasses.replace(ckpt.default_spec(tok, head=c.model.head), system_prompt=c.model.system_prompt or None,
+                               history=c.model.history, task=synthetic_task(c) if c.data.source == "synthetic" else None)
     if jax.process_index() == 0:
         ckpt.save_assets(os.path.join(c.workdir, ckpt.ASSETS), spec=spec, model_config=model_cfg, tokenizer=tok,
                          image_processor=ip)
@@ -283,9 +303,17 @@ def train(c, *, step_hook=None) -> dict:
     graphdef, trainable, frozen = split_params(model, c.model.freeze_vision)
 
     # -- data ------------------------------------------------------------------------------------------
-    from jaxprm.data.tfds_builder import data_source
+    from jaxprm.data.tfds_builder import split_sizes
 
-    n_train = len(data_source(data_dir, c.data.train_split))
+    sizes = split_sizes(data_dir)
+    n_train = sizes.get(c.data.train_split, 0)
+    if not n_train:
+        raise TrainingError(f"{data_dir}: the training split {c.data.train_split!r} has no records "
+                            f"(splits: {sizes}); nothing to train on")
+    has_eval = sizes.get(c.data.eval_split, 0) > 0
+    if not has_eval:
+        log.info("%s has no records in the eval split %r (splits: %s): training without evaluation",
+                 data_dir, c.data.eval_split, sizes)
     steps_per_epoch = max(n_train // c.train.batch_size, 1)
     total_steps = steps_per_epoch * c.train.epochs
     if c.train.max_steps:
@@ -306,16 +334,20 @@ def train(c, *, step_hook=None) -> dict:
     train_iter = iter(train_loader)
     start = 0
     latest = mngr.latest_step()
+    export_dir = os.path.join(c.workdir, "export")
     if latest is not None:
         state, data_state = _restore(mngr, latest, state, state_sh, graphdef, c.model.freeze_vision)
         train_iter.set_state(data_state)
         start = int(latest)
-        log.info("resumed from %s at step %d", os.path.join(c.workdir, ckpt.CHECKPOINTS), start)
+        if start >= total_steps:
+            return _already_done(c, mngr, start, graphdef, state, tok, ip, export_dir)
+        log.info("resumed from %s at step %d of %d", os.path.join(c.workdir, ckpt.CHECKPOINTS), start, total_steps)
 
     train_step = jit_train_step(make_train_step(graphdef, optimizer, accum=c.train.grad_accum,
                                                 class_weights=tuple(c.train.class_weights),
                                                 accum_dtype=c.train.grad_accum_dtype, rounding=c.optim.rounding,
-                                                seed=c.model.seed), state_sh)
+                                                seed=c.model.seed, lm_loss_weight=c.train.lm_loss_weight,
+                                                image_token_id=model_cfg.image_token_id), state_sh)
     eval_step = jax.jit(make_eval_step(graphdef, class_weights=tuple(c.train.class_weights)))
 
     writer = _writer(c.workdir)
@@ -333,6 +365,12 @@ def train(c, *, step_hook=None) -> dict:
             meta=ocp.args.JsonSave({"step": step, "metrics": {k: float(v) for k, v in final.items()}})),
             force=force)
 
+    def run_eval(step: int):
+        ev = evaluate(c, eval_step, state, data_dir, tok, ip, model_cfg, mesh)
+        final.update(ev)
+        _write(writer, step, ev)
+        log.info("step %d eval %s", step, _fmt(ev))
+
     step = start
     with _Stop() as stop:
         while step < total_steps:
@@ -346,11 +384,8 @@ def train(c, *, step_hook=None) -> dict:
             _accumulate(window, metrics)
             if step % c.train.log_every == 0 or step == total_steps:
                 final.update(_log_train(window, step, sched, flops_tok, peak, writer, bar))
-            if step % c.train.eval_every == 0 or step == total_steps:
-                ev = evaluate(c, eval_step, state, data_dir, tok, ip, model_cfg, mesh)
-                final.update(ev)
-                _write(writer, step, ev)
-                log.info("step %d eval %s", step, _fmt(ev))
+            if has_eval and step % c.train.eval_every == 0 and step < total_steps:
+                run_eval(step)
             if step % c.train.save_every == 0:
                 save(step)
             if bar is not None:
@@ -367,17 +402,56 @@ def train(c, *, step_hook=None) -> dict:
         mngr.wait_until_finished()
     if bar is not None:
         bar.close()
-    if writer is not None:
-        writer.close()
     mngr.close()
     final["step"] = step
     final["skipped_records"] = int(getattr(getattr(train_iter, "stats", None), "skipped", 0) or 0)
-    if c.train.export and not stop.requested and jax.process_index() == 0:
-        model = nnx.merge(graphdef, state["trainable"], state["frozen"])
-        out = ckpt.export_hf(model, tok, ip, os.path.join(c.workdir, "export"))
-        log.info("exported the PRM to %s (load with jaxprm.load_prm)", out)
     final["stopped"] = stop.requested
+    if step == 0:
+        if writer is not None:
+            writer.close()
+        raise TrainingError(
+            f"trained 0 steps: the training split of {data_dir} gave no batch of {c.train.batch_size} rows "
+            f"({n_train} records, {final['skipped_records']} skipped; see the log). Nothing was exported.")
+    if not stop.requested:
+        # the checkpoint (above) and the export come first; the final evaluation is optional
+        if c.train.export and jax.process_index() == 0:
+            _export(graphdef, state, tok, ip, export_dir)
+        if has_eval and step > start:
+            run_eval(step)
+    if writer is not None:
+        writer.close()
     return final
+
+
+def _export(graphdef, state, tok, ip, export_dir) -> None:
+    model = nnx.merge(graphdef, state["trainable"], state["frozen"])
+    out = ckpt.export_hf(model, tok, ip, export_dir)
+    log.info("exported the PRM to %s (load with jaxprm.load_prm)", out)
+
+
+def _already_done(c, mngr, step, graphdef, state, tok, ip, export_dir) -> dict:
+    """A rerun of a finished workdir: say so, write the export if a kill came before it, change nothing else."""
+    import orbax.checkpoint as ocp
+
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {}
+    mngr.close()
+    if c.train.export and jax.process_index() == 0 and not os.path.exists(os.path.join(export_dir, "prm.json")):
+        _export(graphdef, state, tok, ip, export_dir)
+    log.info("%s already finished %d steps; nothing to do (use a new workdir or raise train.epochs / "
+             "train.max_steps to train more). The PRM is in %s", c.workdir, step, export_dir)
+    return {**meta.get("metrics", {}), "step": step, "already_done": True, "stopped": False}
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines printed above the progress bar instead of through it."""
+
+    def emit(self, record):
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001
+            self.handleError(record)
 
 
 def _restore(mngr, step, state, state_sh, graphdef, freeze_vision):
@@ -396,7 +470,8 @@ def _restore(mngr, step, state, state_sh, graphdef, freeze_vision):
 
 
 def evaluate(c, eval_step, state, data_dir, tok, ip, model_cfg, mesh) -> dict:
-    """Step accuracy / F1 (VisualProcessBench-style, "-" = error class) on the held-out split."""
+    """Step accuracy / F1 (VisualProcessBench-style, "-" = error class) on the held-out split, with the
+    scoring prompt (placeholders in every assistant turn): the numbers ``PRM.score_batch`` gives."""
     from jaxprm.data.pipeline import make_loader
     from jaxprm.models.prm import f1_from_counts
 
@@ -404,7 +479,9 @@ def evaluate(c, eval_step, state, data_dir, tok, ip, model_cfg, mesh) -> dict:
     sums: dict = {}
     n = 0
     for batch in loader:
-        m = eval_step(state["trainable"], state["frozen"], shd.shard_batch(_pad_rows(_agree_on_bucket(batch), mesh), mesh))
+        with jax.set_mesh(mesh):  # the model's activation sharding constraints apply
+            m = eval_step(state["trainable"], state["frozen"],
+                          shd.shard_batch(_pad_rows(_agree_on_bucket(batch), mesh), mesh))
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
@@ -464,6 +541,8 @@ def _log_train(window, step, sched, flops_tok, peak, writer, bar) -> dict:
     out = {"train/loss": sums["loss_sum"] / max(sums["weight_sum"], 1e-9), "train/acc": f1["acc"],
            "train/macro_f1": f1["macro_f1"], "train/grad_norm": sums.get("grad_norm", 0.0) / max(n_steps, 1),
            "train/lr": float(sched(step)), "perf/tokens_per_s": tokens / max(dt, 1e-9)}
+    if "lm_tokens" in sums:
+        out["train/lm_loss"] = sums["lm_loss_sum"] / max(sums["lm_tokens"], 1.0)
     if peak:
         out["perf/mfu"] = flops_tok * tokens / max(dt, 1e-9) / peak
     _write(writer, step, out)
@@ -538,7 +617,7 @@ def main(argv=None):
         from absl import logging as absl_logging
 
         absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/Grain log every file operation at INFO
-        handler = logging.StreamHandler()
+        handler = _TqdmHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         for name in ("jaxprm",):
             logging.getLogger(name).addHandler(handler)

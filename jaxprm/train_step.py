@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxprm.models.prm import step_loss
+from jaxprm.models.prm import lm_token_mask, step_loss
 from jaxprm.optim import apply_updates
 
 BATCH_AXIS = {"position_ids": 1}
@@ -49,40 +49,59 @@ def microbatches(batch: dict, accum: int) -> dict:
 
 
 def make_train_step(graphdef, optimizer, *, accum: int = 1, class_weights=(1.0, 1.0),
-                    accum_dtype="float32", rounding: str = "stochastic", seed: int = 0):
+                    accum_dtype="float32", rounding: str = "stochastic", seed: int = 0,
+                    lm_loss_weight: float = 0.0, image_token_id: int | None = None):
     """-> ``train_step(state, batch) -> (state, metrics)``.
 
     ``accum_dtype``: dtype of the gradient accumulator when ``accum > 1``; ``rounding``/``seed``: how
     updates are written back to low-precision weights (see ``jaxprm.optim.apply_updates``).
+    ``lm_loss_weight > 0`` adds that times the mean next-token cross-entropy over the prompt's text
+    (``models.prm.lm_token_mask``): a dense signal for a backbone trained from random init (the tiny
+    default), where a few step labels per example are too little to learn to read from. It forms the
+    full-vocabulary logits, so keep it 0 (the default) for real-size backbones. It needs the model's
+    ``image_token_id`` (image placeholders are not LM targets).
     """
     accum_dtype = jnp.dtype(accum_dtype)
+    use_lm = lm_loss_weight > 0
+    if use_lm and image_token_id is None:
+        raise ValueError("lm_loss_weight > 0 needs image_token_id")
 
-    def loss_fn(trainable, frozen, mb, weight_total):
+    def loss_fn(trainable, frozen, mb, totals):
+        weight_total, lm_total = totals
         model = nnx.merge(graphdef, trainable, frozen)
-        logits = model.step_logits(mb)
+        hidden = model.hidden_states(mb)
+        logits = model.step_logits(mb, hidden)
         _, metrics = step_loss(logits, mb["labels"], class_weights)
-        return metrics["loss_sum"] / weight_total, metrics
+        loss = metrics["loss_sum"] / weight_total
+        if use_lm:
+            metrics["lm_loss_sum"] = model.lm_loss_sum(mb, hidden)
+            loss = loss + lm_loss_weight * metrics["lm_loss_sum"] / lm_total
+        return loss, metrics
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state, batch):
         trainable, frozen = state["trainable"], state["frozen"]
         weight_total = jnp.maximum(label_weights(batch["labels"], class_weights).sum(), 1e-9)
+        lm_total = None
+        if use_lm:
+            lm_total = jnp.maximum(lm_token_mask(batch, image_token_id).sum(), 1)
+        totals = (weight_total, lm_total)
         if accum == 1:
-            (_, metrics), grads = grad_fn(trainable, frozen, batch, weight_total)
+            (_, metrics), grads = grad_fn(trainable, frozen, batch, totals)
         else:
             mbs = microbatches(batch, accum)
 
             def body(carry, mb):
                 g_acc, m_acc = carry
-                (_, metrics), grads = grad_fn(trainable, frozen, mb, weight_total)
+                (_, metrics), grads = grad_fn(trainable, frozen, mb, totals)
                 g_acc = jax.tree.map(lambda a, g: (a + g.astype(jnp.float32)).astype(a.dtype), g_acc, grads)
                 return (g_acc, jax.tree.map(jnp.add, m_acc, metrics)), None
 
             zeros_g = jax.tree.map(lambda p: jnp.zeros(p.shape, accum_dtype), trainable)
             zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                                    jax.eval_shape(lambda: grad_fn(trainable, frozen, jax.tree.map(lambda x: x[0], mbs),
-                                                                  weight_total)[0][1]))
+                                                                  totals)[0][1]))
             (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), mbs)
         grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
@@ -92,6 +111,8 @@ def make_train_step(graphdef, optimizer, *, accum: int = 1, class_weights=(1.0, 
         trainable = apply_updates(trainable, updates, rounding=rounding, key=key)
         metrics = dict(metrics, loss=metrics["loss_sum"] / weight_total, grad_norm=optax.tree.norm(grads),
                        tokens=(batch["segment_ids"] > 0).sum())
+        if use_lm:
+            metrics["lm_tokens"] = lm_total
         new_state = dict(state, trainable=trainable, opt_state=opt_state, step=state["step"] + 1)
         return new_state, metrics
 

@@ -75,6 +75,12 @@ its id and reason and adds it to ``iterator.stats`` (``num_skipped``, ``skipped_
 the iterator state, so they survive a checkpoint/restore. (The log lines are written by the main
 process when the batch carrying them is consumed, not when the worker hit the record.)
 
+Systemic failures stop the run instead: a failure that is not about one record (an ``ImportError``,
+i.e. a missing package) raises ``SystemicDataError`` at once, and so does a loader whose first
+``systemic_skip_limit`` records (default 16) were all skipped without a single usable example (a missing
+tokenizer file, a wrong config, the wrong tokenizer: the same error on every record). Skipping them all
+would train nothing and look like success.
+
 Iterator state: ``iter(loader)`` is a ``grain.DatasetIterator``; ``get_state()`` returns a JSON-able
 dict (Grain's pipeline state + the stats), ``set_state()`` restores it into a fresh iterator of a
 loader built with the same arguments (same data, seed, shard, config, worker_count): the following
@@ -121,6 +127,11 @@ TOO_MANY_PATCHES = "too_many_patches"
 PROMPT_TOO_LONG = "prompt_too_long"
 BAD_PROMPT = "bad_prompt"
 UNEXPECTED_ERROR = "error"
+ENVIRONMENT_ERROR = "environment"  # not about the record (a missing package): stops the run
+
+
+class SystemicDataError(RuntimeError):
+    """Every record fails the same way (the environment or the config, not the data): stop, don't skip."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,7 +156,10 @@ class PipelineConfig:
     worker_buffer_size: int = 2  # batches buffered per worker
     num_threads: int = 2  # threads running the per-example transform (0 = inline)
     prefetch_buffer_size: int = 16  # examples prefetched by those threads
-    label_mode: str = "train"  # "train": true labels in the assistant turns; "score": placeholders
+    # what the assistant turns hold: "score" = the placeholder in every turn (the prompt PRM.score uses;
+    # labels are still supervised); "train" = the true labels (teacher forcing). See prompt.encode_mode.
+    label_mode: str = "score"
+    systemic_skip_limit: int = 16  # raise SystemicDataError when this many records fail before any works (0: never)
     placeholder: str = POSITIVE_TOKEN  # assistant turn of unlabelled steps (train) / all steps (score)
     system_prompt: str = PRM_SYSTEM_PROMPT
     pixel_dtype: str = "float32"  # or "bfloat16"
@@ -185,7 +199,7 @@ class PipelineConfig:
             pos_int("max_length", self.max_length)
         if self.num_epochs is not None:
             pos_int("num_epochs", self.num_epochs)
-        for name in ("worker_count", "num_threads", "prefetch_buffer_size"):
+        for name in ("worker_count", "num_threads", "prefetch_buffer_size", "systemic_skip_limit"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"PipelineConfig.{name} must be an int >= 0, got {v!r}")
@@ -279,6 +293,8 @@ class ExampleTransform:
         rid = _record_id(raw)
         try:
             return self._transform(index, rid, raw)
+        except ImportError as e:  # a missing package fails every record: the main process stops the run
+            return _skip(index, rid, ENVIRONMENT_ERROR, f"{type(e).__name__}: {e}")
         except Exception as e:  # noqa: BLE001 - never let a record crash a worker
             return _skip(index, rid, UNEXPECTED_ERROR, f"{type(e).__name__}: {e}")
 
@@ -315,6 +331,8 @@ class ExampleTransform:
                 grids if len(grids) else None, merge_size=self.merge, max_length=self.max_length,
                 placeholder=cfg.placeholder, mode=cfg.label_mode, system_prompt=cfg.system_prompt,
             )
+        except ImportError:
+            raise
         except ValueError as e:
             kind = PROMPT_TOO_LONG if "max_length=" in str(e) else BAD_PROMPT
             return _skip(index, rid, kind, e)
@@ -474,7 +492,8 @@ class BatchIterator(grain.DatasetIterator):
 
     Between calls at most one example is held over (packing: the example that did not fit the
     finished batch). Its upstream state *before* it was pulled is what ``get_state`` returns, so a
-    restore replays it; skip markers are always reported with the batch that follows them.
+    restore replays it; skip markers are reported with the batch that follows them, or at once (a
+    report-only element) when no batch is open.
     """
 
     def __init__(self, parent, cfg: PipelineConfig, assembler: BatchAssembler):
@@ -537,6 +556,8 @@ class BatchIterator(grain.DatasetIterator):
                 raise
             if "skip" in ex:
                 self._skips.append(tuple(ex["skip"]))
+                if not self._rows:  # report now: a loader whose every record fails must stop early
+                    return {REPORT_KEY: self._report([])}
                 continue
             if not self._rows:
                 self._held_state = copy.deepcopy(before)
@@ -618,9 +639,22 @@ class PrmIterator(grain.DatasetIterator):
             st.num_skipped += 1
             st.skipped_by_reason[kind] = st.skipped_by_reason.get(kind, 0) + 1
             st.recent_skips.append((int(idx), str(rid), str(reason)))
+            if kind == ENVIRONMENT_ERROR:
+                raise SystemicDataError(
+                    f"split {self.loader.split!r}: record {rid!r} (index {int(idx)}) failed for a reason that is not "
+                    f"about the record, so every record would fail: {str(reason).rstrip('.')}. Install what is missing "
+                    "(pip install -e . installs every requirement) and rerun.")
             log.warning("pipeline: skipped record %r (split %r, index %d): %s", rid, self.loader.split, int(idx),
                         reason)
         st.num_examples += int(rep.get("examples", 0))
+        limit = self.loader.cfg.systemic_skip_limit
+        if limit and st.num_examples == 0 and st.num_skipped >= limit:
+            reasons = collections.Counter(r for _, _, r in st.recent_skips)
+            common = "\n  ".join(f"{n} x {r}" for r, n in reasons.most_common(3))
+            raise SystemicDataError(
+                f"split {self.loader.split!r}: the first {st.num_skipped} records were all skipped and none could be "
+                f"used, so this is not a problem of single records but of the setup (tokenizer files, image "
+                f"processor, config such as seq_buckets/patch_buckets/max_images). Reasons:\n  {common}")
         st.steps_dropped += int(rep.get("steps_dropped", 0))
         st.examples_truncated += int(rep.get("examples_truncated", 0))
         n_drop = int(rep.get("dropped_remainder", 0))

@@ -112,6 +112,24 @@ IMAGE_PAD = "<|image_pad|>"
 MODES = ("train", "score")
 
 
+def encode_mode(history: str, *, train: bool) -> str:
+    """The ``encode_prm_example`` mode for a PRM's prompt history (``PRMSpec.history``).
+
+    Scoring never knows the labels, so it always uses ``"score"`` (every assistant turn holds the
+    placeholder, as VisualPRM and VL-PRM score). Training uses the same prompt for
+    ``history="placeholder"`` (the default: the model is trained on exactly what it is scored on; with
+    VL-PRM's released data, which stop after the first "-", every earlier turn is "+" anyway), and the
+    true labels for ``history="labels"`` (teacher forcing: with labels that stay "-" after the first
+    error the model can read the answer from the history, and scores from ``PRM.score`` differ from
+    what it was trained on).
+    """
+    from jaxprm.models.prm import HISTORIES
+
+    if history not in HISTORIES:
+        raise ValueError(f"history must be one of {HISTORIES}, got {history!r}")
+    return "train" if train and history == "labels" else "score"
+
+
 def first_turn_text(question: str, first_step: str) -> str:
     """The text of the first user turn (the image entries come before it)."""
     return f"### Question:\n{question}\n\n### Solution Process:\n{first_step}"

@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .schema import NEGATIVE, PERCEPTION, POSITIVE, REASONING, Record, Step
+from .solution import extract_boxed, format_solution
 
 # --------------------------------------------------------------------------------------------------
 # Vocabulary of the scenes
@@ -182,27 +183,6 @@ def _reading_order(shapes: Sequence[Shape]) -> list[Shape]:
 
 def _boxed(answer: str) -> str:
     return f"The answer is \\boxed{{{answer}}}."
-
-
-_BOXED_RE = re.compile(r"\\boxed\{([^{}]*)\}")
-
-
-def extract_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` in ``text`` (stripped), or None."""
-    found = _BOXED_RE.findall(text or "")
-    return found[-1].strip() if found else None
-
-
-def format_solution(steps: Sequence[Step], sep: str = "\n\n") -> str:
-    """Render steps as a policy-style solution: "[Visual Elements]" then "[Reasoning]" sections."""
-    perc = [s.text for s in steps if s.kind == PERCEPTION]
-    reas = [s.text for s in steps if s.kind == REASONING]
-    parts = []
-    if perc:
-        parts.append("[Visual Elements]\n" + sep.join(perc))
-    if reas:
-        parts.append("[Reasoning]\n" + sep.join(reas))
-    return sep.join(parts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -753,6 +733,30 @@ def generate_example(
     raise RuntimeError(f"could not inject a {error_kind} error into a {qtype!r} puzzle")
 
 
+def task_settings(
+    image_size: Sequence[int] = DEFAULT_IMAGE_SIZE,
+    error_rate: float = 0.5,
+    perception_error_share: float = 0.5,
+    question_types: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The embedded task's settings as a JSON-able dict of ``generate_records`` keywords (validated).
+
+    Training writes it into the PRM's spec (``prm.json``, ``task``); ``python -m jaxprm.eval synthetic``
+    reads it back, so a PRM is measured on puzzles like those it was trained on."""
+    size = [int(x) for x in image_size]
+    if len(size) != 2:
+        raise ValueError(f"image_size must be (height, width), got {image_size!r}")
+    grid_for_image(size)
+    if not 0.0 <= float(error_rate) <= 1.0 or not 0.0 <= float(perception_error_share) <= 1.0:
+        raise ValueError("error_rate and perception_error_share must be in [0, 1]")
+    qtypes = list(question_types or QUESTION_TYPES)
+    bad = [q for q in qtypes if q not in QUESTION_TYPES]
+    if bad:
+        raise ValueError(f"unknown question type(s) {bad}; expected some of {QUESTION_TYPES}")
+    return {"image_size": size, "error_rate": float(error_rate),
+            "perception_error_share": float(perception_error_share), "question_types": qtypes}
+
+
 def generate_records(
     n: int,
     seed: int = 0,
@@ -768,10 +772,8 @@ def generate_records(
     ``round(n * error_rate)`` solutions carry one error, ``round(n_err * perception_error_share)`` of
     them a perception error and the rest a reasoning error, assigned to random records.
     """
-    qtypes = tuple(question_types or QUESTION_TYPES)
-    for q in qtypes:
-        if q not in QUESTION_TYPES:
-            raise ValueError(f"unknown question type {q!r}; expected one of {QUESTION_TYPES}")
+    task = task_settings(image_size, error_rate, perception_error_share, question_types)
+    qtypes, image_size = task["question_types"], tuple(task["image_size"])
     plan = _plan(n, seed, error_rate, perception_error_share)
     it = range(n)
     if progress:

@@ -637,6 +637,14 @@ def data_source(data: str | os.PathLike, split: str, name: str = DEFAULT_NAME, v
     return tfds.builder_from_directory(dataset_dir(data, name, version)).as_data_source(split=split)
 
 
+def split_sizes(data: str | os.PathLike, name: str = DEFAULT_NAME, version: str | None = None) -> dict[str, int]:
+    """``{split: number of records}`` of a built dataset (a split with no records may be absent)."""
+    import tensorflow_datasets as tfds
+
+    info = tfds.builder_from_directory(dataset_dir(data, name, version)).info
+    return {k: int(v.num_examples) for k, v in info.splits.items()}
+
+
 def read_records(data: str | os.PathLike, split: str, name: str = DEFAULT_NAME, version: str | None = None,
                  validate: bool = True) -> Iterator[Record]:
     """The records of one split, in stored order (raises ``RecordError`` on a malformed one)."""

@@ -437,17 +437,35 @@ def cmd_vpb(args, prm=None) -> dict:
     print(format_table(F1_HEADERS, _f1_rows(res)))
     print(f"macro-F1 mean over sources: {res['macro_f1_source_mean']:.4f}  "
           f"(step-weighted: {res['macro_f1_source_weighted']:.4f})")
-    print(f"wrote {os.path.join(args.out, 'vpb_results.json')}")
+    plot = f1_lib.plot_step_f1({**res["per_source"], "overall": res["overall"]}, scores,
+                               [row["response"]["process_correctness"] for row in rows],
+                               os.path.join(args.out, "vpb_f1.png"), title=f"{args.prm}: VisualProcessBench",
+                               threshold=args.threshold)
+    print(f"wrote {os.path.join(args.out, 'vpb_results.json')}, {os.path.join(args.out, 'vpb_scores.jsonl')}, {plot}")
     return res
 
 
 # ------------------------------------------------------------------------------------------------
 # synthetic
 # ------------------------------------------------------------------------------------------------
-def evaluate_synthetic(prm, n: int = 200, seed: int = SYNTHETIC_EVAL_SEED, *, error_rate: float = 0.5,
+def synthetic_task_of(prm, **overrides) -> dict:
+    """The embedded task's settings for ``prm``: those saved in its spec by training (``PRMSpec.task``),
+    else the task's defaults; ``overrides`` that are not None win."""
+    from jaxprm.data import synthetic as syn
+
+    spec = getattr(prm, "spec", None)
+    task = dict(getattr(spec, "task", None) or {})
+    task.update({k: v for k, v in overrides.items() if v is not None})
+    return syn.task_settings(**task)
+
+
+def evaluate_synthetic(prm, n: int = 200, seed: int = SYNTHETIC_EVAL_SEED, *, error_rate: float | None = None,
                        image_size: tuple[int, int] | None = None, threshold: float = 0.5, batch_size: int = 8,
                        progress: bool = False, records=None) -> dict:
     """Step F1 of ``prm`` on ``n`` freshly generated synthetic puzzles (or the given ``records``).
+
+    The puzzles follow the task settings the PRM was trained on (``synthetic_task_of``: image size,
+    error rates, question types); ``error_rate`` / ``image_size`` override them.
 
     Returns ``{"overall", "by_question_type", "by_error_kind", "solution_accuracy",
     "first_error_accuracy", "n_records", ...}`` where the F1 entries are ``step_f1`` results and
@@ -455,9 +473,9 @@ def evaluate_synthetic(prm, n: int = 200, seed: int = SYNTHETIC_EVAL_SEED, *, er
     below ``threshold`` is the true first error step."""
     from jaxprm.data import synthetic as syn
 
+    task = synthetic_task_of(prm, error_rate=error_rate, image_size=image_size)
     if records is None:
-        kw = {} if image_size is None else {"image_size": tuple(image_size)}
-        records = syn.generate_records(n, seed=seed, error_rate=error_rate, progress=progress, **kw)
+        records = syn.generate_records(n, seed=seed, progress=progress, **task)
     items = [(r.images[0], r.question, [s.text for s in r.steps]) for r in records]
     scores = _score_items(prm, items, batch_size, progress, "scoring synthetic puzzles")
 
@@ -468,6 +486,11 @@ def evaluate_synthetic(prm, n: int = 200, seed: int = SYNTHETIC_EVAL_SEED, *, er
     overall = f1_lib.step_f1(records, scores=scores, threshold=threshold)
     by_q = f1_lib.step_f1(rows(lambda r: r.meta["question_type"]), scores=scores, threshold=threshold)
     by_e = f1_lib.step_f1(rows(lambda r: r.meta["error_kind"] or "none"), scores=scores, threshold=threshold)
+    kinds = sorted({s.kind or "unknown" for r in records for s in r.steps})
+    by_kind = {k: f1_lib.visualprocessbench_f1(
+        np.concatenate([sc[[(s.kind or "unknown") == k for s in r.steps]] for r, sc in zip(records, scores)]),
+        np.asarray([1 if s.label == 1 else -1 for r in records for s in r.steps if (s.kind or "unknown") == k]),
+        threshold) for k in kinds}
     sol_ok, first_ok, n_err = [], 0, 0
     for r, sc in zip(records, scores):
         pred_correct = bool(np.all(sc >= threshold))
@@ -478,16 +501,44 @@ def evaluate_synthetic(prm, n: int = 200, seed: int = SYNTHETIC_EVAL_SEED, *, er
             below = np.flatnonzero(sc < threshold)
             first_ok += int(below.size > 0 and int(below[0]) == int(fe))
     return {
-        "n_records": len(records), "seed": seed, "threshold": threshold,
+        "n_records": len(records), "seed": seed, "threshold": threshold, "task": task,
         "macro_f1": overall["overall"]["macro_f1"],
         "overall": overall["overall"],
         "by_question_type": by_q["per_source"],
         "by_error_kind": by_e["per_source"],
+        "by_step_kind": by_kind,
         "solution_accuracy": float(np.mean(sol_ok)) if sol_ok else 0.0,
         "first_error_accuracy": first_ok / n_err if n_err else 0.0,
         "n_with_error": n_err,
         "scores": [s.tolist() for s in scores],
     }
+
+
+def evaluate_synthetic_search(prm, records, *, n_candidates: int = 16, policy_error_rate: float = 0.7,
+                              step_error_rate: float = 0.2, guided_k: int = 8, seed: int = 0,
+                              aggregations: Sequence[str] = ("mean", "min", "last"), progress: bool = False) -> dict:
+    """Test-time scaling on embedded puzzles with a noisy scripted policy (``ScriptedPolicy``): answer
+    accuracy vs N for best-of-N under each aggregation, majority vote, the pass@N oracle, and guided
+    greedy step search with ``guided_k`` candidate next steps per iteration. ``policy_error_rate`` is
+    the share of sampled whole solutions with an error; ``step_error_rate`` the chance that one
+    candidate next step brings an error."""
+    from jaxprm.search import ScriptedPolicy, guided_greedy_search
+
+    policy = ScriptedPolicy(records, solution_error_rate=policy_error_rate, step_error_rate=step_error_rate,
+                            seed=seed)
+    problems = [{"id": r.id, "images": list(r.images), "question": r.question, "answer": r.answer}
+                for r in records]
+    cands = {p["id"]: policy.sample_solutions(p["images"][0], p["question"], n_candidates, seed=seed + i)
+             for i, p in enumerate(problems)}
+    res = evaluate_bon(prm, problems, cands, max_n=n_candidates, aggregations=aggregations, seed=seed,
+                       progress=progress)
+    hits = []
+    for p in _tqdm(problems, progress, desc="guided search", unit="problem"):
+        out = guided_greedy_search(prm, policy, p["images"][0], p["question"], k=guided_k)
+        hits.append(bool(out.answer is not None and ans_lib.is_correct(out.answer, p["answer"])))
+    res["guided"] = {"k": guided_k, "accuracy": float(np.mean(hits)) if hits else 0.0}
+    res["policy_error_rate"], res["step_error_rate"] = policy_error_rate, step_error_rate
+    return res
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -500,19 +551,46 @@ def cmd_synthetic(args, prm=None) -> dict:
     if args.n < 1:
         raise InputError("--n must be >= 1")
     prm = prm if prm is not None else load_prm(args.prm)
-    res = evaluate_synthetic(prm, args.n, args.seed, error_rate=args.error_rate, image_size=args.image_size,
-                             threshold=args.threshold, batch_size=args.batch_size, progress=not args.no_progress)
+    from jaxprm.data import synthetic as syn
+
+    task = synthetic_task_of(prm, error_rate=args.error_rate, image_size=args.image_size,
+                             perception_error_share=args.perception_share)
+    records = syn.generate_records(args.n, seed=args.seed, progress=not args.no_progress, **task)
+    res = evaluate_synthetic(prm, seed=args.seed, threshold=args.threshold, batch_size=args.batch_size,
+                             progress=not args.no_progress, records=records)
     res["prm"] = args.prm
     rows = [_f1_row(f"type:{k}", m) for k, m in res["by_question_type"].items()]
     rows += [_f1_row(f"error:{k}", m) for k, m in res["by_error_kind"].items()]
+    rows += [_f1_row(f"step:{k}", m) for k, m in res["by_step_kind"].items()]
     rows.append(_f1_row("overall", res["overall"]))
     print(format_table(["slice"] + F1_HEADERS[1:], rows))
     print(f"solution accuracy: {res['solution_accuracy']:.4f}  first-error localisation: "
           f"{res['first_error_accuracy']:.4f} ({res['n_with_error']} solutions with an error)")
+    if args.search:
+        recs = syn.generate_records(args.search_problems, seed=args.seed + 1, **res["task"])
+        res["search"] = evaluate_synthetic_search(prm, recs, n_candidates=args.search,
+                                                  policy_error_rate=args.policy_error_rate,
+                                                  step_error_rate=args.step_error_rate, guided_k=args.guided_k,
+                                                  seed=args.seed, progress=not args.no_progress)
+        print(f"test-time scaling on {len(recs)} fresh puzzles, policy error rate {args.policy_error_rate}:")
+        print(_bon_table(res["search"]))
+        print(f"guided greedy search (k={args.guided_k} candidate steps): {res['search']['guided']['accuracy']:.4f}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        _write_json(os.path.join(args.out, "synthetic_results.json"), res)
-        print(f"wrote {os.path.join(args.out, 'synthetic_results.json')}")
+        out = os.path.join(args.out, "synthetic_results.json")
+        _write_json(out, res)
+        wrote = [out, f1_lib.plot_step_f1(
+            {**{f"step: {k}": m for k, m in res["by_step_kind"].items()}, "all steps": res["overall"]},
+            res["scores"], [[1 if s.label == 1 else -1 for s in r.steps] for r in records],
+            os.path.join(args.out, "synthetic_f1.png"), title=f"{args.prm}: embedded puzzles",
+            threshold=args.threshold)]
+        if "search" in res:
+            wrote.append(bon_lib.plot_bon_curve(
+                {**{k: (c["ns"], c["acc"]) for k, c in res["search"]["curves"].items()}},
+                os.path.join(args.out, "synthetic_bon_curve.png"),
+                title=f"best-of-N on embedded puzzles (guided k={args.guided_k}: "
+                      f"{100 * res['search']['guided']['accuracy']:.1f}%)"))
+        print("wrote " + ", ".join(wrote))
     return res
 
 
@@ -567,11 +645,23 @@ def build_parser() -> argparse.ArgumentParser:
     common(s)
     s.add_argument("--n", type=int, default=200)
     s.add_argument("--seed", type=int, default=SYNTHETIC_EVAL_SEED)
-    s.add_argument("--error-rate", type=float, default=0.5)
-    s.add_argument("--image-size", type=_parse_size, default=None, help="HxW, multiples of 28 (default 112x112)")
+    s.add_argument("--error-rate", type=float, default=None,
+                   help="share of solutions with an error (default: the PRM's training task, else 0.5)")
+    s.add_argument("--image-size", type=_parse_size, default=None,
+                   help="HxW, multiples of 28 (default: the PRM's training task, else 112x112)")
+    s.add_argument("--perception-share", type=float, default=None,
+                   help="share of the errors that are perception errors (default: the PRM's training task, else 0.5)")
     s.add_argument("--threshold", type=float, default=0.5)
     s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--out", default=None)
+    s.add_argument("--out", default=None, help="write synthetic_results.json and plots here")
+    s.add_argument("--search", type=int, default=0, metavar="N",
+                   help="also run test-time scaling with N candidates per puzzle (best-of-N, majority vote, "
+                        "guided search) with a noisy scripted policy")
+    s.add_argument("--search-problems", type=int, default=100, help="puzzles for --search")
+    s.add_argument("--policy-error-rate", type=float, default=0.7, help="share of the policy's solutions with an error")
+    s.add_argument("--step-error-rate", type=float, default=0.2,
+                   help="chance that a candidate next step (guided search) brings an error")
+    s.add_argument("--guided-k", type=int, default=8, help="candidate next steps per guided-search iteration")
     return ap
 
 

@@ -32,12 +32,11 @@ None = unsupervised) is mapped 1 -> 1, 0 -> -1, None -> 0 and ``Record.source`` 
 """
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from jaxprm.data.jsonl import BadLine, iter_jsonl
+from jaxprm.data.formats.visualprocessbench import read_visualprocessbench_rows
 
 __all__ = [
     "CORRECT",
@@ -45,6 +44,7 @@ __all__ = [
     "NEUTRAL",
     "binary_f1",
     "load_visualprocessbench",
+    "plot_step_f1",
     "step_f1",
     "visualprocessbench_f1",
 ]
@@ -256,29 +256,51 @@ def step_f1(
 def load_visualprocessbench(path: str) -> list[dict]:
     """Read VisualProcessBench's ``test.jsonl`` (or a copy with prediction fields added).
 
-    Each row is returned as read, after checking it has ``response.steps`` and
-    ``response.process_correctness`` of equal length with values in {1, 0, -1}; errors name
-    ``file:line``. Blank lines are skipped."""
-    rows = []
-    for where, row in iter_jsonl(path):
-        if isinstance(row, BadLine):
-            raise ValueError(row.message)
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        resp = row.get("response")
-        if isinstance(resp, str):  # some exports keep the nested object as a JSON string
-            try:
-                resp = json.loads(resp)
-            except json.JSONDecodeError:
-                raise ValueError(f"{where}: 'response' is a string that is not JSON") from None
-            row["response"] = resp
-        if not isinstance(resp, dict) or "steps" not in resp or "process_correctness" not in resp:
-            raise ValueError(f"{where}: missing 'response.steps' / 'response.process_correctness'")
-        steps, pc = resp["steps"], resp["process_correctness"]
-        if len(steps) != len(pc):
-            raise ValueError(f"{where}: {len(steps)} steps but {len(pc)} process_correctness labels")
-        bad = [v for v in pc if v not in (CORRECT, NEUTRAL, INCORRECT) or isinstance(v, bool)]
-        if bad:
-            raise ValueError(f"{where}: process_correctness values must be 1, 0 or -1, got {bad[0]!r}")
-        rows.append(row)
-    return rows
+    Each row is returned as read (a JSON-string ``response`` decoded), after the checks of the
+    benchmark's reader (``jaxprm.data.formats.visualprocessbench.read_visualprocessbench_rows``):
+    ``response.steps`` non-empty strings and ``response.process_correctness`` as many values in
+    {1, 0, -1}. Errors (``RecordError``, a ``ValueError``) name ``file:line``, the record and the
+    field. Blank lines are skipped."""
+    return read_visualprocessbench_rows(path)
+
+
+def plot_step_f1(groups: dict, scores: Sequence, gold: Sequence, path: str, title: str | None = None,
+                 threshold: float = 0.5, dpi: int = 120) -> str:
+    """Save a PNG at ``path``: F1 of each class and macro-F1 per group (``{name: visualprocessbench_f1
+    result}``, e.g. per step kind or per data source) as bars, and the histogram of step scores for
+    correct and incorrect gold steps (neutral steps left out), with the threshold marked."""
+    import os
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 2, 1)
+    names = list(groups)
+    x = np.arange(len(names))
+    for j, (key, label) in enumerate((("f1_correct", "F1 correct"), ("f1_incorrect", "F1 incorrect"),
+                                      ("macro_f1", "macro-F1"))):
+        ax.bar(x + (j - 1) * 0.27, [groups[n][key] for n in names], width=0.27, label=label)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{n}\n({groups[n]['n_steps']} steps)" for n in names], fontsize="small")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("F1")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    ax = fig.add_subplot(1, 2, 2)
+    sc = np.concatenate([np.asarray(s, np.float64).reshape(-1) for s in scores]) if len(scores) else np.zeros(0)
+    g = np.concatenate([_gold_array(x) for x in gold]) if len(gold) else np.zeros(0)
+    bins = np.linspace(0, 1, 21)
+    for cls, label in ((CORRECT, "correct steps"), (INCORRECT, "incorrect steps")):
+        ax.hist(sc[(g == cls) & np.isfinite(sc)], bins=bins, alpha=0.6, label=f"{label} ({int((g == cls).sum())})")
+    ax.axvline(threshold, color="k", linestyle="--", linewidth=1)
+    ax.set_xlabel("PRM score P(correct)")
+    ax.set_ylabel("steps")
+    ax.legend(loc="upper center", fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, format="png", dpi=dpi)
+    return path

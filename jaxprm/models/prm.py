@@ -23,6 +23,10 @@ from jaxprm.models.qwen2_5_vl.layers import param
 from jaxprm.models.qwen2_5_vl.model import LAYOUT_KEYS
 
 HEADS = ("lm_rows", "linear")
+# What the assistant turns hold in the training prompt (the prompt style's history; see
+# jaxprm.data.prompt.encode_mode): "placeholder" = "+" in every turn, the scoring prompt itself;
+# "labels" = the true labels (teacher forcing), which scoring cannot reproduce.
+HISTORIES = ("placeholder", "labels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +37,16 @@ class PRMSpec:
     minus_id: int
     head: str = "lm_rows"
     system_prompt: str | None = None  # None: jaxprm.data.prompt.PRM_SYSTEM_PROMPT
+    history: str = "placeholder"  # one of HISTORIES; scoring always fills every turn with the placeholder
+    # the embedded task's settings when the PRM was trained on it (image size, error rates, ...), so
+    # ``python -m jaxprm.eval synthetic`` measures it on its own task; None for other data
+    task: dict | None = dataclasses.field(default=None, hash=False, compare=False)
 
     def __post_init__(self):
         if self.head not in HEADS:
             raise ValueError(f"PRM head must be one of {HEADS}, got {self.head!r}")
+        if self.history not in HISTORIES:
+            raise ValueError(f"PRM history must be one of {HISTORIES}, got {self.history!r}")
         if self.plus_id == self.minus_id:
             raise ValueError("plus_id and minus_id must differ")
 
@@ -50,7 +60,11 @@ class PRMSpec:
         if not os.path.exists(p):
             return None
         with open(p) as f:
-            return cls(**json.load(f))
+            d = json.load(f)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{p}: unknown field(s) {unknown}; written by a newer jaxprm?")
+        return cls(**d)
 
 
 class PRMModel(nnx.Module):
@@ -76,14 +90,35 @@ class PRMModel(nnx.Module):
         dt = self.backbone.dtype
         return jnp.einsum("...d,dc->...c", h, self.step_head[...].astype(dt)) + self.step_bias[...].astype(dt)
 
-    def step_logits(self, batch: dict):
-        """Batch from the data pipeline -> (B, S, 2) float32 logits at ``label_positions``."""
+    def hidden_states(self, batch: dict):
+        """Batch from the data pipeline -> (B, L, D) decoder states."""
         layout = {k: batch[k] for k in LAYOUT_KEYS} if "pixel_values" in batch else None
-        hidden = self.backbone.hidden_states(batch["input_ids"], batch["position_ids"], batch["segment_ids"],
-                                             batch.get("pixel_values"), layout)
+        return self.backbone.hidden_states(batch["input_ids"], batch["position_ids"], batch["segment_ids"],
+                                           batch.get("pixel_values"), layout)
+
+    def step_logits(self, batch: dict, hidden=None):
+        """Batch from the data pipeline -> (B, S, 2) float32 logits at ``label_positions``."""
+        hidden = self.hidden_states(batch) if hidden is None else hidden
         pos = jnp.clip(batch["label_positions"], 0, hidden.shape[1] - 1)
         h = jnp.take_along_axis(hidden, pos[..., None], axis=1)
         return self.head(h).astype(jnp.float32)
+
+    def lm_loss_sum(self, batch: dict, hidden):
+        """Summed next-token cross-entropy over ``lm_token_mask(batch)`` (the auxiliary LM loss)."""
+        logits = self.backbone.logits(hidden[:, :-1]).astype(jnp.float32)
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), batch["input_ids"][:, 1:, None], -1)[..., 0]
+        return (ce * lm_token_mask(batch, self.backbone.config.image_token_id)).sum()
+
+
+def lm_token_mask(batch: dict, image_token_id: int):
+    """(B, L-1) positions whose next token is an LM target: inside one example, the next token not an
+    image placeholder, and not a step-label position (the step loss owns those)."""
+    seg, ids = batch["segment_ids"], batch["input_ids"]
+    keep = (seg[:, :-1] > 0) & (seg[:, 1:] == seg[:, :-1]) & (ids[:, 1:] != image_token_id)
+    rows = jnp.arange(seg.shape[0])[:, None]
+    pos = jnp.where(batch["label_segment_ids"] > 0, batch["label_positions"], seg.shape[1] - 1)
+    label_at = jnp.zeros(seg.shape, bool).at[rows, pos].set(True, mode="drop")
+    return keep & ~label_at[:, :-1]
 
 
 def step_probs(logits):

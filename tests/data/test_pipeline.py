@@ -16,7 +16,7 @@ from jaxprm.models.qwen2_5_vl import rope
 
 BASE = pl.PipelineConfig(
     batch_size=4, seq_buckets=(512, 640, 768), patch_buckets=(32, 64), max_steps=10, max_images=2,
-    shard_index=0, shard_count=1, drop_remainder=False, seed=7,
+    shard_index=0, shard_count=1, drop_remainder=False, seed=7, label_mode="train",
 )
 
 
@@ -392,3 +392,48 @@ def test_a_packed_row_runs_through_the_tiny_model_like_its_example_alone(data, t
     lp_p = packed["label_positions"][0][packed["label_segment_ids"][0] == 2]
     lp_a = alone["label_positions"][0][alone["label_segment_ids"][0] == 1]
     np.testing.assert_array_equal(lp_p - off, lp_a)
+
+
+def test_a_missing_package_stops_the_loader_at_once(data, tok, mc, monkeypatch):
+    """An ImportError is about the environment, not the record: skipping every record would train nothing."""
+    def no_jinja(*a, **k):
+        raise ImportError("apply_chat_template requires jinja2 to be installed")
+
+    monkeypatch.setattr(pl, "encode_prm_example", no_jinja)
+    it = iter(_loader(data, tok, mc, shuffle=False))
+    with pytest.raises(pl.SystemicDataError, match="jinja2") as e:
+        next(it)
+    assert "not about the record" in str(e.value)
+    assert it.stats.num_skipped == 1 and it.stats.skipped_by_reason == {pl.ENVIRONMENT_ERROR: 1}
+
+
+@pytest.mark.parametrize("limit", [4, 16])
+def test_the_same_failure_on_every_record_stops_the_loader(data, tok, mc, records, limit):
+    """A config that fits no record (here: sequences far too short for any prompt) stops after
+    ``systemic_skip_limit`` records instead of skipping the whole split."""
+    it = iter(_loader(data, tok, mc, shuffle=False, seq_buckets=(64,), systemic_skip_limit=limit))
+    with pytest.raises(pl.SystemicDataError, match="prompt_too_long") as e:
+        next(it)
+    assert f"the first {limit} records were all skipped" in str(e.value)
+    assert it.stats.num_skipped == limit < len(records) and it.stats.num_examples == 0
+
+
+def test_systemic_limit_off_skips_everything(data, tok, mc, records):
+    it = iter(_loader(data, tok, mc, shuffle=False, seq_buckets=(64,), systemic_skip_limit=0))
+    assert list(it) == [] and it.stats.num_skipped == len(records)
+
+
+def test_default_prompt_is_the_scoring_prompt(data, tok, mc, records):
+    """PipelineConfig's default fills the assistant turns as PRM.score does (placeholders), while the
+    labels are still supervised; "train" mode (teacher forcing) must be asked for."""
+    assert pl.PipelineConfig().label_mode == "score"
+    it = iter(_loader(data, tok, mc, label_mode="score"))
+    ip = ImageProcessor()
+    for b, r in _rows([next(it)]):
+        rec = records[int(b["record_index"][r, 0])]
+        enc = encode_prm_example(tok, rec.question, [s.text for s in rec.steps], rec.labels,
+                                 ip(rec.images)["image_grid_thw"], max_length=768, mode="score")
+        n = int(b["num_tokens"][r])
+        np.testing.assert_array_equal(b["input_ids"][r, :n], enc.input_ids)
+        k = len(enc.labels)
+        np.testing.assert_array_equal(b["labels"][r, :k], [s.label for s in rec.steps][:k])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jaxprm.data import solution
 from jaxprm.data import synthetic as S
 from jaxprm.data.schema import NEGATIVE, PERCEPTION, POSITIVE, REASONING, Record, Step
 
@@ -203,6 +204,14 @@ def test_extract_boxed_and_format_solution():
     steps = [Step("I see a red circle.", PERCEPTION), Step("So 1. The answer is \\boxed{1}.", REASONING)]
     text = S.format_solution(steps)
     assert text.index("[Visual Elements]") < text.index("red circle") < text.index("[Reasoning]")
+
+
+def test_synthetic_extract_boxed_is_the_nested_brace_aware_one():
+    # jaxprm.data.synthetic had its own regex (no nested braces): None for a \frac answer, and the
+    # last *flat* box ("1") when one came before it
+    assert S.extract_boxed is solution.extract_boxed
+    assert S.extract_boxed(r"So \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert S.extract_boxed(r"\boxed{1} then \boxed{\frac{1}{2}}") == r"\frac{1}{2}"
 
 
 # -- tokenizer and tiny config -------------------------------------------------------------------------

@@ -1,8 +1,6 @@
 """``python -m jaxprm.eval`` run in-process (``main(argv, prm=...)``) on small hand-made files with a
 stand-in PRM whose scores are written into the step texts, so every number can be checked by hand."""
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ from PIL import Image
 from jaxprm.data import synthetic as syn
 from jaxprm.eval.run import evaluate_synthetic, main
 
+from tests.fake_openai import FakeOpenAIServer
 from tests.fakes import TagPRM
 
 
@@ -82,45 +81,25 @@ def test_bon_curves_on_hand_made_data(bench, capsys):
     assert "bon_mean" in printed and "N=4" in printed and "pass@n" in printed
 
 
-class _PolicyServer(BaseHTTPRequestHandler):
-    def log_message(self, *a):
-        pass
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(body)
-        texts = [f"Count [p=0.{i + 1}]\n\nSo \\boxed{{{3 if i % 2 else 4}}}." for i in range(body["n"])]
-        data = json.dumps({"choices": [{"index": i, "message": {"content": t}} for i, t in enumerate(texts)]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+def _policy_reply(body):
+    return [f"Count [p=0.{i + 1}]\n\nSo \\boxed{{{3 if i % 2 else 4}}}." for i in range(body["n"])]
 
 
 def test_bon_samples_candidates_with_an_openai_policy_and_reuses_them(bench):
     tmp, data, _ = bench
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _PolicyServer)
-    srv.requests = []
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
     out = tmp / "out2"
-    argv = ["bon", "--prm", "fake", "--data", data, "--max-n", "4", "--aggregate", "mean", "--out", str(out),
-            "--no-progress", "--policy", "openai", "--base-url", f"http://127.0.0.1:{srv.server_address[1]}/v1",
-            "--model", "pol", "--max-retries", "0", "--temperature", "0.9"]
-    try:
+    with FakeOpenAIServer(_policy_reply) as srv:
+        argv = ["bon", "--prm", "fake", "--data", data, "--max-n", "4", "--aggregate", "mean", "--out", str(out),
+                "--no-progress", "--policy", "openai", "--base-url", srv.base_url,
+                "--model", "pol", "--max-retries", "0", "--temperature", "0.9"]
         assert main(argv, prm=TagPRM(require_image=True)) == 0
-        assert len(srv.requests) == 2 and all(r["n"] == 4 and r["temperature"] == 0.9 for r in srv.requests)
+        assert len(srv.bodies) == 2 and all(r["n"] == 4 and r["temperature"] == 0.9 for r in srv.bodies)
         # the choices are shown to the policy
-        assert "(B) dog" in srv.requests[1]["messages"][-1]["content"][-1]["text"]
+        assert "(B) dog" in srv.bodies[1]["messages"][-1]["content"][-1]["text"]
         saved = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
         assert [r["id"] for r in saved] == ["p1", "p2"] and all(len(r["candidates"]) == 4 for r in saved)
         assert main(argv, prm=TagPRM(require_image=True)) == 0  # everything cached: no new requests
-        assert len(srv.requests) == 2
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        t.join(timeout=5)
+        assert len(srv.bodies) == 2
     res = json.loads((out / "bon_results.json").read_text())
     assert res["per_problem"][0]["correct"] == [False, True, False, True]
     assert res["per_problem"][1]["correct"] == [False] * 4  # p2 wants "dog"
@@ -210,3 +189,48 @@ def test_synthetic_step_f1(tmp_path, capsys):
     r = evaluate_synthetic(Always(), records=records)
     assert r["overall"]["f1_incorrect"] == 0.0 and r["first_error_accuracy"] == 0.0
     assert r["solution_accuracy"] == pytest.approx(np.mean([rec.meta["answer_correct"] for rec in records]))
+
+
+def test_synthetic_uses_the_task_the_prm_was_trained_on(tmp_path, capsys):
+    """``eval synthetic`` generates puzzles with the settings training saved in the PRM's spec (here
+    56x56 images, 25% wrong solutions), unless the command line overrides them; writes JSON and a plot."""
+    import io
+    import types
+
+    from tests.fakes import TruthPRM
+
+    task = syn.task_settings(image_size=(56, 56), error_rate=0.25)
+    n, seed = 16, 3
+    records = syn.generate_records(n, seed=seed, **task)
+    prm = TruthPRM(records, spec=types.SimpleNamespace(task=task))
+    assert main(["synthetic", "--prm", "fake", "--n", str(n), "--seed", str(seed), "--out", str(tmp_path),
+                 "--no-progress"], prm=prm) == 0
+    res = json.loads((tmp_path / "synthetic_results.json").read_text())
+    assert res["task"] == task and res["n_with_error"] == 4 and res["macro_f1"] == pytest.approx(1.0)
+    assert {Image.open(io.BytesIO(im)).size for im in prm.images} == {(56, 56)}
+    assert set(res["by_step_kind"]) == {"perception", "reasoning"}
+    assert (tmp_path / "synthetic_f1.png").stat().st_size > 0
+    other = TruthPRM(syn.generate_records(4, seed=seed, **{**task, "image_size": (84, 112)}),
+                     spec=types.SimpleNamespace(task=task))
+    assert main(["synthetic", "--prm", "fake", "--n", "4", "--seed", str(seed), "--image-size", "84x112",
+                 "--no-progress"], prm=other) == 0
+    assert {Image.open(io.BytesIO(im)).size for im in other.images} == {(112, 84)}
+
+
+def test_synthetic_search_beats_majority_with_a_good_prm(tmp_path, capsys):
+    """Test-time scaling on embedded puzzles: with a PRM that knows the truth, best-of-N reaches the
+    pass@N oracle, beats majority vote once the policy is mostly wrong, and guided search solves
+    (nearly) everything."""
+    from tests.fakes import TruthPRM
+
+    records = syn.generate_records(12, seed=5, image_size=(56, 56))
+    from jaxprm.eval.run import evaluate_synthetic_search
+
+    res = evaluate_synthetic_search(TruthPRM(records), records, n_candidates=8, policy_error_rate=0.8, guided_k=8)
+    c = res["curves"]
+    assert c["bon_min"]["acc"][-1] == pytest.approx(c["pass@n"]["acc"][-1])
+    assert c["bon_min"]["acc"][-1] > c["majority"]["acc"][-1]
+    # N=1: one random sample (best-of-1 exactly; majority vote estimated from sampled subsets)
+    assert c["bon_min"]["acc"][0] == pytest.approx(res["accuracy_at_1"])
+    assert c["majority"]["acc"][0] == pytest.approx(res["accuracy_at_1"], abs=0.05)
+    assert res["guided"]["accuracy"] >= 0.9

@@ -149,18 +149,29 @@ def test_load_visualprocessbench(tmp_path):
     assert len(loaded) == 3 and loaded[0]["response"]["process_correctness"] == [1, -1]
     assert step_f1(loaded)["overall"]["macro_f1"] == pytest.approx(7 / 12)
 
+    # the errors of the benchmark's one reader (jaxprm.data.formats.visualprocessbench): file:line, record, field
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"response": {"steps": ["a"], "process_correctness": [1, 1]}}) + "\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:1: 1 steps but 2"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: record 'bad\.jsonl:1': field 'response\.process_correctness': "
+                                         r"has 2 labels for 1 steps"):
         load_visualprocessbench(str(bad))
     bad.write_text(json.dumps(rows[1]) + "\n" + json.dumps({"response": {"steps": ["a"], "process_correctness": [2]}}) + "\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: process_correctness values"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: .*field 'response\.process_correctness\[0\]': "
+                                         r"must be 1, 0 or -1"):
         load_visualprocessbench(str(bad))
     bad.write_text("{oops\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: invalid JSON"):
         load_visualprocessbench(str(bad))
     bad.write_text(json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:1: missing 'response.steps'"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: .*field 'response': must be an object with 'steps' and "
+                                         r"'process_correctness'"):
+        load_visualprocessbench(str(bad))
+    # checked like the importer's records (the former copy let these through)
+    bad.write_text(json.dumps({"response": {"steps": ["a", " "], "process_correctness": [1, 1]}}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: .*field 'response\.steps\[1\]': must be a non-empty string"):
+        load_visualprocessbench(str(bad))
+    bad.write_text(json.dumps({"response": '{"steps": ["a"]'}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: .*field 'response': not a JSON object"):
         load_visualprocessbench(str(bad))
 
 

@@ -1,4 +1,5 @@
 """Training on 8 virtual CPU devices: sharding, gradient accumulation, kill-and-resume, learning."""
+import json
 import os
 
 import jax
@@ -207,3 +208,161 @@ def test_tiny_config_learns(tmp_path):
     rec = next(read_records(os.path.join(c.workdir, "data"), "validation"))
     scores = prm.score(rec.images[0], rec.question, [s.text for s in rec.steps])
     assert scores.shape == (len(rec.steps),) and np.all((scores >= 0) & (scores <= 1))
+
+
+def test_training_prompt_is_the_scoring_prompt(tmp_path):
+    """Train as you score: with the default prompt history, the batches the model trains on hold the
+    exact token ids and label positions PRM.score builds for the same record (placeholders in every
+    assistant turn), with the true labels supervised."""
+    import dataclasses
+
+    from jaxprm.data.tfds_builder import read_records
+    from jaxprm.search.scorer import PRM
+    from jaxprm.train import model_assets, pipeline_config, prepare_data
+
+    c = _tiny_config(str(tmp_path))
+    assert c.model.history == "placeholder"
+    data_dir = prepare_data(c)
+    cfg, tok, ip = model_assets(c)
+    prm = PRM(PRMModel(Qwen25VL(cfg, rngs=nnx.Rngs(0)), ckpt.default_spec(tok)), tok, ip,
+              system_prompt=c.model.system_prompt)
+    pc = dataclasses.replace(pipeline_config(c, train=True, seed=0), shuffle=False, batch_size=4)
+    batch = next(iter(make_loader(data_dir, "train", tok, ip, cfg, pc)))
+    recs = list(read_records(data_dir, "train"))
+    for r in range(4):
+        rec = recs[int(batch["record_index"][r, 0])]
+        enc = prm._encode(*prm._images(rec.images[0]), rec.question, [s.text for s in rec.steps])
+        n = int(batch["num_tokens"][r])
+        np.testing.assert_array_equal(batch["input_ids"][r, :n], enc.input_ids)
+        k = len(enc.label_positions)
+        np.testing.assert_array_equal(batch["label_positions"][r, :k], enc.label_positions)
+        np.testing.assert_array_equal(batch["labels"][r, :k], [s.label for s in rec.steps])
+    # teacher forcing is still there when asked for, and then differs from the scoring prompt
+    c.model.history = "labels"
+    pc = dataclasses.replace(pipeline_config(c, train=True, seed=0), shuffle=False, batch_size=4)
+    forced = next(iter(make_loader(data_dir, "train", tok, ip, cfg, pc)))
+    assert pc.label_mode == "train" and not np.array_equal(forced["input_ids"], batch["input_ids"])
+    assert pipeline_config(c, train=False, seed=0).label_mode == "score"  # eval always scores as users do
+
+
+def test_in_training_eval_is_what_the_api_gives(tmp_path):
+    """The eval numbers training reports are those of PRM.score_batch on the exported PRM, over the
+    same held-out records (VisualProcessBench step F1, threshold 0.5)."""
+    import jaxprm
+    from jaxprm.data.tfds_builder import read_records
+    from jaxprm.eval import step_f1 as f1_lib
+
+    c = _tiny_config(str(tmp_path), max_steps=4, export=True)
+    m = train_(c)
+    prm = jaxprm.load_prm(os.path.join(c.workdir, "export"))
+    recs = list(read_records(os.path.join(c.workdir, "data"), "validation"))
+    scores = prm.score_batch([(r.images[0], r.question, [s.text for s in r.steps]) for r in recs])
+    api = f1_lib.step_f1(recs, scores=scores)["overall"]
+    assert m["eval/steps"] == api["n_steps"] == sum(len(r.steps) for r in recs)
+    assert m["eval/acc"] == pytest.approx(api["accuracy"], abs=1e-9)
+    assert m["eval/macro_f1"] == pytest.approx(api["macro_f1"], abs=1e-9)
+    spec = json.load(open(os.path.join(c.workdir, "export", "prm.json")))
+    assert spec["history"] == "placeholder" and spec["task"]["image_size"] == [56, 56]
+
+
+def train_(c, **kw):
+    from jaxprm.train import train
+
+    return train(c, **kw)
+
+
+def test_a_run_that_trains_nothing_fails_and_exports_nothing(tmp_path):
+    """Fewer training records than one batch: no step can be taken, so the run must not look fine."""
+    from jaxprm.train import TrainingError
+
+    c = _tiny_config(str(tmp_path), export=True, batch_size=16, epochs=1)
+    c.data.synthetic_train = 8
+    with pytest.raises(TrainingError, match="trained 0 steps"):
+        train_(c)
+    assert not os.path.exists(os.path.join(c.workdir, "export"))
+
+
+def test_a_missing_package_stops_training(tmp_path, monkeypatch):
+    """The same ImportError on every record stops the run with that error (not 0 steps and exit 0)."""
+    from jaxprm.data import pipeline as pl
+
+    def no_jinja(*a, **k):
+        raise ImportError("apply_chat_template requires jinja2 to be installed")
+
+    monkeypatch.setattr(pl, "encode_prm_example", no_jinja)
+    c = _tiny_config(str(tmp_path), export=True)
+    with pytest.raises(pl.SystemicDataError, match="jinja2"):
+        train_(c)
+    assert not os.path.exists(os.path.join(c.workdir, "export"))
+
+
+def test_rerun_of_a_finished_workdir_says_done(tmp_path, caplog):
+    import logging
+
+    c = _tiny_config(str(tmp_path), max_steps=2, export=True)
+    train_(c)
+    events = sorted(os.listdir(os.path.join(c.workdir, "events")))
+    with caplog.at_level(logging.INFO, logger="jaxprm.train"):
+        m = train_(c)
+    assert m["already_done"] and m["step"] == 2
+    assert any("already finished 2 steps" in r.getMessage() for r in caplog.records)
+    assert not any("resumed" in r.getMessage() for r in caplog.records)
+    assert sorted(os.listdir(os.path.join(c.workdir, "events"))) == events  # no new events file
+
+
+def test_no_validation_split_means_no_eval(tmp_path, caplog):
+    """val_fraction=0 (or too few records for a validation split): train, save and export; no eval."""
+    import logging
+
+    from jaxprm.data.synthetic import write_jsonl
+
+    recs = generate_records(16, seed=5, image_size=(56, 56))
+    write_jsonl(recs, str(tmp_path / "recs.jsonl"))
+    c = _tiny_config(str(tmp_path / "w"), max_steps=2, export=True, eval_every=1)
+    c.data.source, c.data.records, c.data.format, c.data.val_fraction = "records", str(tmp_path / "recs.jsonl"), "jsonl", 0.0
+    with caplog.at_level(logging.INFO, logger="jaxprm.train"):
+        m = train_(c)
+    assert m["step"] == 2 and not any(k.startswith("eval/") for k in m)
+    assert os.path.exists(os.path.join(c.workdir, "export", "prm.json"))
+    assert any("training without evaluation" in r.getMessage() for r in caplog.records)
+
+
+def test_lm_token_mask_and_aux_loss(setup):
+    """The auxiliary LM loss scores next tokens inside each example only: never padding, image
+    placeholders or a step-label position (whose next token is the step's verdict); with grad
+    accumulation it equals the big batch, as the step loss does."""
+    import jax.numpy as jnp
+
+    from jaxprm.models.prm import lm_token_mask
+
+    tok, cfg, batch = setup
+    m = np.asarray(lm_token_mask({k: jnp.asarray(v) for k, v in batch.items()}, cfg.image_token_id))
+    seg, ids = batch["segment_ids"], batch["input_ids"]
+    for r in range(seg.shape[0]):
+        n = int(batch["num_tokens"][r])
+        on = np.flatnonzero(m[r])
+        assert on.max() < n - 1 and (ids[r, on + 1] != cfg.image_token_id).all()
+        labelled = batch["label_positions"][r][batch["label_segment_ids"][r] > 0]
+        assert not np.isin(labelled, on).any()
+        expect = {t for t in range(n - 1) if ids[r, t + 1] != cfg.image_token_id} - set(labelled.tolist())
+        assert set(on.tolist()) == expect
+
+    def run(accum, weight):
+        model = PRMModel(Qwen25VL(cfg, rngs=nnx.Rngs(0)), ckpt.default_spec(tok))
+        graphdef, trainable, frozen = split_params(model, False)
+        opt = optax.sgd(0.5)
+        mesh = shd.make_mesh(data=2, fsdp=1, tensor=1, devices=jax.devices()[:2])
+        state, state_sh = init_train_state(trainable, frozen, opt, mesh)
+        step = jit_train_step(make_train_step(graphdef, opt, accum=accum, lm_loss_weight=weight,
+                                              image_token_id=cfg.image_token_id), state_sh)
+        state, metrics = step(state, shd.shard_batch(batch, mesh))
+        return jax.device_get(nnx.to_pure_dict(state["trainable"])), jax.device_get(metrics)
+
+    p0, m0 = run(1, 0.0)
+    p1, m1 = run(1, 0.5)
+    p4, m4 = run(4, 0.5)
+    assert "lm_loss_sum" not in m0 and int(m1["lm_tokens"]) == m.sum()
+    assert 0 < float(m1["lm_loss_sum"]) / float(m1["lm_tokens"]) < 2 * np.log(cfg.text.vocab_size)
+    np.testing.assert_allclose(m1["lm_loss_sum"], m4["lm_loss_sum"], rtol=1e-5)
+    _assert_trees_close(p1, p4, atol=1e-5)
+    assert not np.allclose(p0["backbone"]["lm_head"], p1["backbone"]["lm_head"])  # the LM loss trains the head
