@@ -148,7 +148,7 @@ def bench_jax(cfg, inp, args) -> dict:
     from jaxprm.models.prm import PRMModel, PRMSpec
     from jaxprm.models.qwen2_5_vl import Qwen25VL
     from jaxprm.optim import make_optimizer
-    from jaxprm.train import estimate_flops_per_token, peak_flops
+    from jaxprm.metrics import estimate_flops_per_token, peak_flops
     from jaxprm.train_step import init_train_state, jit_train_step, make_train_step, split_params
 
     dt = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}

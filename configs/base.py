@@ -1,4 +1,8 @@
-"""Defaults shared by every training config; each field is checked in jaxprm.train.validate_config."""
+"""Defaults shared by every training config; the other configs state only how they differ.
+
+Each field is checked at start-up by jaxprm.config.validate_train_config, whose choice lists come from
+the modules that own them (e.g. model.preset: jaxprm.models.qwen2_5_vl.presets).
+"""
 import ml_collections
 
 
@@ -9,7 +13,7 @@ def get_config():
     c.model = ml_collections.ConfigDict()
     c.model.init = "hf"  # "hf": weights from model.hf_dir; "random": random init of model.preset
     c.model.hf_dir = ""  # HF Qwen2.5-VL directory (config.json, safetensors, tokenizer, preprocessor_config.json)
-    c.model.preset = ""  # "tiny" (embedded task), "qwen2.5-vl-3b", "qwen2.5-vl-7b" (random init only)
+    c.model.preset = ""  # random init only: "tiny" (embedded task) or a name in qwen2_5_vl.presets.HF_CONFIGS
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "float32"  # master weights; "bfloat16" halves them (see optim.rounding)
     c.model.attn_impl = "auto"  # auto | xla | cudnn | splash
@@ -27,7 +31,7 @@ def get_config():
     c.data.data_dir = ""  # TFDS data_dir (source=tfds); default for the others: {workdir}/data
     c.data.records = ""  # source=records: file(s)/dir read with jaxprm.data.formats.read_records
     c.data.format = "jsonl"  # source=records: jsonl | vlprm300k | vlprm300k_train | visualprm400k | ...
-    c.data.label_rule = ""  # source=records: relabel with mc | judge | hybrid ("" keeps the file's labels)
+    c.data.label_rule = ""  # source=records: relabel with a rule of jaxprm.data.labels ("" keeps the file's labels)
     c.data.image_root = ""
     c.data.val_fraction = 0.02  # source=records: held-out share (by record id hash)
     c.data.synthetic_train = 2000  # source=synthetic: number of generated puzzles

@@ -11,22 +11,14 @@ from configs import base
 def get_config():
     c = base.get_config()
     c.workdir = "runs/vlprm_3b"
-    c.model.init = "hf"
-    c.model.hf_dir = ""  # required: --config.model.hf_dir=...
+    # base.py's defaults are the paper's optimizer, epochs and batch size, and model.init="hf" (weights
+    # from --config.model.hf_dir)
     c.model.remat = "dots_no_batch"
     c.data.source = "records"
     c.data.format = "vlprm300k"
     c.data.label_rule = "hybrid"
     c.data.seq_buckets = (2048, 4096)
     c.data.patch_buckets = (4096, 16384)
-    c.optim.lr = 1e-5
-    c.optim.schedule = "cosine"
-    c.optim.warmup_ratio = 0.05
-    c.optim.b1, c.optim.b2 = 0.9, 0.95
-    c.optim.weight_decay = 1e-4
-    c.optim.clip = 1.0
-    c.train.epochs = 2
-    c.train.batch_size = 64
     c.train.grad_accum = 8
     c.mesh.data = 1
     c.mesh.fsdp = -1

@@ -5,12 +5,16 @@ A training workdir::
     workdir/
       assets/            prm.json, config.json (HF Qwen2.5-VL config), preprocessor_config.json,
                          tokenizer files -- written once at start-up
-      checkpoints/<step>/ Orbax CheckpointManager steps, items:
-                           params     nnx.Param state of the PRM (pure dict)
-                           opt_state  optimizer state
-                           data       Grain iterator state
-                           meta       JSON: step, epoch, metrics
+      checkpoints/<step>/ Orbax CheckpointManager steps, one item each (ITEMS):
+                           params     nnx.Param state of the whole PRM, trainable and frozen (pure dict)
+                           opt_state  optimizer state (of the trainable params)
+                           data       JSON: Grain iterator state (the data position)
+                           meta       JSON: {"step": int, "metrics": {name: float}} (the last logged ones)
       events/            TensorBoard event files
+      export/            the final PRM (``export_hf``), when train.export is on
+
+``save_train_state`` / ``restore_train_state`` / ``restore_meta`` write and read the steps of a
+training run; ``restore_params`` reads only ``params`` (what ``load_prm_model`` needs).
 
 An exported PRM (``export_hf``) is a plain HF Qwen2.5-VL directory (config.json, model.safetensors,
 tokenizer, preprocessor_config.json) plus prm.json (and step_head.safetensors for a linear head),
@@ -32,6 +36,7 @@ from jaxprm.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
 from jaxprm.models.qwen2_5_vl.convert import from_pretrained, read_safetensors, save_pretrained, write_safetensors
 
 ASSETS, CHECKPOINTS = "assets", "checkpoints"
+ITEMS = ("params", "opt_state", "data", "meta")  # the items of a checkpoint step (module docstring)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -82,7 +87,7 @@ def load_assets(directory: str):
 # Orbax checkpoints of a training run
 # ------------------------------------------------------------------------------------------------
 def checkpoint_manager(workdir: str, *, max_to_keep: int | None = 3, save_interval_steps: int = 1,
-                       async_save: bool = True, item_names=("params", "opt_state", "data", "meta")):
+                       async_save: bool = True, item_names=ITEMS):
     import orbax.checkpoint as ocp
 
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
@@ -94,6 +99,46 @@ def checkpoint_manager(workdir: str, *, max_to_keep: int | None = 3, save_interv
 def abstract(tree):
     """ShapeDtypeStructs (with shardings where the leaves have them): what Orbax restores into."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def save_train_state(mngr, step: int, state: dict, *, data: dict, metrics: dict | None = None,
+                     force: bool = False) -> None:
+    """Save a training step: ``state`` is the train step's (trainable, frozen, opt_state, step),
+    ``data`` the loader iterator's state, ``metrics`` the last logged metrics."""
+    import orbax.checkpoint as ocp
+
+    params = nnx.merge_state(state["trainable"], state["frozen"])
+    mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(nnx.to_pure_dict(params)),
+        opt_state=ocp.args.StandardSave(state["opt_state"]),
+        data=ocp.args.JsonSave(data),
+        meta=ocp.args.JsonSave({"step": step, "metrics": {k: float(v) for k, v in (metrics or {}).items()}})),
+        force=force)
+
+
+def restore_train_state(mngr, step: int, state: dict, *, graphdef, freeze_vision: bool, step_sharding):
+    """``(state, data)`` of checkpoint ``step``, restored into the shardings of ``state`` (a freshly
+    initialised train state of the same run); ``data`` is the loader iterator's state."""
+    import orbax.checkpoint as ocp
+
+    from jaxprm.train_step import split_params
+
+    params_full = nnx.merge_state(state["trainable"], state["frozen"])
+    r = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract(nnx.to_pure_dict(params_full))),
+        opt_state=ocp.args.StandardRestore(abstract(state["opt_state"])),
+        data=ocp.args.JsonRestore()))
+    nnx.replace_by_pure_dict(params_full, r["params"])
+    _, trainable, frozen = split_params(nnx.merge(graphdef, params_full), freeze_vision)
+    step_arr = jax.device_put(jnp.asarray(step, jnp.int32), step_sharding)
+    return {"trainable": trainable, "frozen": frozen, "opt_state": r["opt_state"], "step": step_arr}, r["data"]
+
+
+def restore_meta(mngr, step: int) -> dict:
+    """The ``meta`` item of checkpoint ``step`` (``{}`` if empty)."""
+    import orbax.checkpoint as ocp
+
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {}
 
 
 def param_state(model) -> dict:

@@ -18,6 +18,7 @@ import optax
 
 _DECAY_SINGLES = {"patch_embed", "embed_tokens", "lm_head", "step_head"}
 ROUNDINGS = ("stochastic", "nearest")
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 def decay_mask(params):
@@ -39,7 +40,7 @@ def schedule(lr: float, total_steps: int, warmup_ratio: float = 0.05, kind: str 
                                      optax.linear_schedule(lr, lr * end_factor, max(total_steps - warmup, 1))], [warmup])
     if kind == "constant":
         return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup])
-    raise ValueError(f"unknown schedule {kind!r}: expected cosine, linear or constant")
+    raise ValueError(f"unknown schedule {kind!r}: expected one of {SCHEDULES}")
 
 
 def stochastic_round(x, dtype, key):

@@ -1,8 +1,9 @@
 """Train a PRM: ``python -m jaxprm.train --config configs/tiny.py [--config.train.epochs=3 ...]``.
 
-config file -> validation -> mesh -> model (HF weights or random) -> Grain loader -> jitted,
-donated, sharded train step (scan grad accumulation) -> Orbax (params, optimizer, Grain iterator
-state) -> TensorBoard + console -> export for ``jaxprm.load_prm``.
+config file -> validation (``jaxprm.config``) -> mesh -> model (HF weights or random) -> Grain loader
+-> jitted, donated, sharded train step (scan grad accumulation) -> Orbax (``jaxprm.checkpointing``:
+params, optimizer, Grain iterator state) -> TensorBoard + console (``jaxprm.metrics``) -> export
+for ``jaxprm.load_prm``.
 
 Resuming: rerunning the same command with the same workdir continues from the latest checkpoint
 (model, optimizer, step and data position), so a killed or preempted run loses at most the steps
@@ -15,7 +16,6 @@ import logging
 import os
 import signal
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,92 +23,20 @@ import numpy as np
 from flax import nnx
 
 from jaxprm import checkpointing as ckpt
+from jaxprm import config
 from jaxprm import sharding as shd
+from jaxprm.metrics import TrainMetrics, estimate_flops_per_token, fmt
 from jaxprm.train_step import init_train_state, jit_train_step, make_eval_step, make_train_step, split_params
-from jaxprm.optim import ROUNDINGS
 
 log = logging.getLogger("jaxprm.train")
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-SOURCES = ("synthetic", "records", "tfds")
-INITS = ("hf", "random")
-
-
-class ConfigError(ValueError):
-    pass
+# the names users and tests import from here
+ConfigError = config.ConfigError
+validate_config = config.validate_train_config
 
 
 class TrainingError(RuntimeError):
     """The run cannot produce a model (e.g. no step could be trained); nothing is exported."""
-
-
-# ------------------------------------------------------------------------------------------------
-# config validation (once, at start-up, with messages that say what to change)
-# ------------------------------------------------------------------------------------------------
-def validate_config(c) -> None:
-    from jaxprm.models.prm import HEADS, HISTORIES
-    from jaxprm.models.remat import NAMES as REMATS
-    from jaxprm.models.attention import IMPLS
-
-    errs = []
-
-    def need(cond, msg):
-        if not cond:
-            errs.append(msg)
-
-    m, d, o, t = c.model, c.data, c.optim, c.train
-    need(m.init in INITS, f"model.init must be one of {INITS}, got {m.init!r}")
-    if m.init == "hf":
-        need(bool(m.hf_dir), "model.init='hf' needs --config.model.hf_dir=/path/to/Qwen2.5-VL (config.json + safetensors)")
-        need(not m.hf_dir or os.path.isdir(m.hf_dir), f"model.hf_dir={m.hf_dir!r} is not a directory")
-    else:
-        need(m.preset in ("tiny", "qwen2.5-vl-3b", "qwen2.5-vl-7b"),
-             f"model.init='random' needs model.preset in tiny|qwen2.5-vl-3b|qwen2.5-vl-7b, got {m.preset!r}")
-        need(m.preset == "tiny" or bool(m.hf_dir),
-             "random init of a real-size preset needs model.hf_dir for its tokenizer")
-    need(m.dtype in DTYPES, f"model.dtype must be one of {sorted(DTYPES)}, got {m.dtype!r}")
-    need(m.param_dtype in DTYPES, f"model.param_dtype must be one of {sorted(DTYPES)}, got {m.param_dtype!r}")
-    need(m.attn_impl in IMPLS, f"model.attn_impl must be one of {IMPLS}, got {m.attn_impl!r}")
-    need(m.remat in REMATS, f"model.remat must be one of {REMATS}, got {m.remat!r}")
-    need(m.head in HEADS, f"model.head must be one of {HEADS}, got {m.head!r}")
-    need(m.history in HISTORIES, f"model.history must be one of {HISTORIES}, got {m.history!r}")
-    need(d.source in SOURCES, f"data.source must be one of {SOURCES}, got {d.source!r}")
-    if d.source == "records":
-        need(bool(d.records), "data.source='records' needs --config.data.records=FILE_OR_DIR")
-        need(not d.records or os.path.exists(d.records), f"data.records={d.records!r} does not exist")
-    if d.source == "tfds":
-        need(bool(d.data_dir), "data.source='tfds' needs --config.data.data_dir=DIR (a dataset written by jaxprm.data.tfds_builder)")
-    need(d.label_rule in ("", "mc", "judge", "hybrid"), f"data.label_rule must be '', mc, judge or hybrid, got {d.label_rule!r}")
-    need(0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
-    need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
-    need(0 <= o.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")
-    need(o.schedule in ("cosine", "linear", "constant"), f"optim.schedule must be cosine, linear or constant, got {o.schedule!r}")
-    need(o.mu_dtype in ("float32", "bfloat16"), f"optim.mu_dtype must be float32 or bfloat16, got {o.mu_dtype!r}")
-    need(o.rounding in ROUNDINGS, f"optim.rounding must be one of {ROUNDINGS}, got {o.rounding!r}")
-    need(t.grad_accum_dtype in ("float32", "bfloat16"),
-         f"train.grad_accum_dtype must be float32 or bfloat16, got {t.grad_accum_dtype!r}")
-    need(t.batch_size > 0 and t.grad_accum > 0, "train.batch_size and train.grad_accum must be > 0")
-    need(t.batch_size % t.grad_accum == 0,
-         f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
-    need(t.epochs > 0, f"train.epochs must be > 0, got {t.epochs}")
-    need(len(t.class_weights) == 2 and min(t.class_weights) > 0, "train.class_weights must be two positive numbers (+, -)")
-    need(t.lm_loss_weight >= 0, f"train.lm_loss_weight must be >= 0, got {t.lm_loss_weight}")
-    for k in ("log_every", "eval_every", "save_every"):
-        need(getattr(t, k) > 0, f"train.{k} must be > 0")
-    if not errs:
-        try:
-            mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-        except ValueError as e:
-            errs.append(f"mesh: {e}")
-        else:
-            dp = mesh.shape["data"] * mesh.shape["fsdp"]
-            micro = t.batch_size // t.grad_accum
-            need(micro % dp == 0, f"micro-batch {micro} (batch_size/grad_accum) must be divisible by the "
-                                  f"data-parallel size data*fsdp={dp}")
-            need(t.batch_size % jax.process_count() == 0,
-                 f"train.batch_size={t.batch_size} must divide over {jax.process_count()} hosts")
-    if errs:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errs))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,7 +46,7 @@ def model_assets(c):
     """(model_config, tokenizer, image_processor) for the config."""
     from jaxprm.data.preprocess import ImageProcessor
 
-    if c.model.init == "random" and c.model.preset == "tiny":
+    if c.model.init == "random" and c.model.preset == config.TINY_PRESET:
         from jaxprm.data.synthetic import build_synthetic_tokenizer, tiny_model_config
 
         tok = build_synthetic_tokenizer()
@@ -212,26 +140,6 @@ def pipeline_config(c, *, train: bool, seed: int):
         label_mode=encode_mode(c.model.history, train=train))
 
 
-def estimate_flops_per_token(cfg) -> float:
-    """6 x (non-embedding text params) + attention, per token, forward+backward (an MFU estimate)."""
-    t = cfg.text
-    per_layer = (t.hidden_size * t.head_dim * (t.num_attention_heads * 2 + t.num_key_value_heads * 2)
-                 + 3 * t.hidden_size * t.intermediate_size)
-    return 6.0 * per_layer * t.num_hidden_layers
-
-
-PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "v5e": 197.0, "v5 lite": 197.0, "v4": 275.0,
-               "v5p": 459.0, "v6": 918.0, "l4": 121.0}
-
-
-def peak_flops() -> float | None:
-    kind = jax.devices()[0].device_kind.lower()
-    for k, v in PEAK_TFLOPS.items():
-        if k in kind:
-            return v * 1e12 * jax.device_count()
-    return None
-
-
 class _Stop:
     """SIGTERM/SIGINT -> finish the current step, save, exit."""
 
@@ -264,8 +172,6 @@ def train(c, *, step_hook=None) -> dict:
 
     ``step_hook(step)`` is called after every step (tests use it to simulate a kill).
     """
-    import orbax.checkpoint as ocp
-
     from jaxprm.data.pipeline import make_loader
     from jaxprm.models.prm import PRMModel
     from jaxprm.models.qwen2_5_vl import Qwen25VL, from_pretrained
@@ -283,9 +189,8 @@ def train(c, *, step_hook=None) -> dict:
     data_dir = prepare_data(c)
 
     # -- model, sharded from the start ---------------------------------------------------------------
-    dtype, pdtype = DTYPES[c.model.dtype], DTYPES[c.model.param_dtype]
-    kw = dict(dtype=dtype, param_dtype=pdtype, attn_impl=c.model.attn_impl,
-              remat_policy=None if c.model.remat == "none" else c.model.remat)
+    kw = dict(dtype=jnp.dtype(c.model.dtype), param_dtype=jnp.dtype(c.model.param_dtype),
+              attn_impl=c.model.attn_impl, remat_policy=None if c.model.remat == "none" else c.model.remat)
 
     def build():
         if c.model.init == "hf":
@@ -336,7 +241,9 @@ def train(c, *, step_hook=None) -> dict:
     latest = mngr.latest_step()
     export_dir = os.path.join(c.workdir, "export")
     if latest is not None:
-        state, data_state = _restore(mngr, latest, state, state_sh, graphdef, c.model.freeze_vision)
+        state, data_state = ckpt.restore_train_state(mngr, latest, state, graphdef=graphdef,
+                                                     freeze_vision=c.model.freeze_vision,
+                                                     step_sharding=state_sh["step"])
         train_iter.set_state(data_state)
         start = int(latest)
         if start >= total_steps:
@@ -350,26 +257,18 @@ def train(c, *, step_hook=None) -> dict:
                                                 image_token_id=model_cfg.image_token_id), state_sh)
     eval_step = jax.jit(make_eval_step(graphdef, class_weights=tuple(c.train.class_weights)))
 
-    writer = _writer(c.workdir)
-    flops_tok, peak = estimate_flops_per_token(model_cfg), peak_flops()
     final: dict = {}
     bar = _progress(c, start, total_steps)
-    window = {"t": time.perf_counter(), "sums": {}}
+    metrics_log = TrainMetrics(c.workdir, schedule=sched, flops_per_token=estimate_flops_per_token(model_cfg), bar=bar)
 
     def save(step: int, force: bool = False):
-        params = nnx.merge_state(state["trainable"], state["frozen"])
-        mngr.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(nnx.to_pure_dict(params)),
-            opt_state=ocp.args.StandardSave(state["opt_state"]),
-            data=ocp.args.JsonSave(train_iter.get_state()),
-            meta=ocp.args.JsonSave({"step": step, "metrics": {k: float(v) for k, v in final.items()}})),
-            force=force)
+        ckpt.save_train_state(mngr, step, state, data=train_iter.get_state(), metrics=final, force=force)
 
     def run_eval(step: int):
         ev = evaluate(c, eval_step, state, data_dir, tok, ip, model_cfg, mesh)
         final.update(ev)
-        _write(writer, step, ev)
-        log.info("step %d eval %s", step, _fmt(ev))
+        metrics_log.write(step, ev)
+        log.info("step %d eval %s", step, fmt(ev))
 
     step = start
     with _Stop() as stop:
@@ -381,9 +280,9 @@ def train(c, *, step_hook=None) -> dict:
                 break
             state, metrics = train_step(state, shd.shard_batch(_agree_on_bucket(batch), mesh))
             step += 1
-            _accumulate(window, metrics)
+            metrics_log.add(metrics)
             if step % c.train.log_every == 0 or step == total_steps:
-                final.update(_log_train(window, step, sched, flops_tok, peak, writer, bar))
+                final.update(metrics_log.log_train(step))
             if has_eval and step % c.train.eval_every == 0 and step < total_steps:
                 run_eval(step)
             if step % c.train.save_every == 0:
@@ -407,8 +306,7 @@ def train(c, *, step_hook=None) -> dict:
     final["skipped_records"] = int(getattr(getattr(train_iter, "stats", None), "skipped", 0) or 0)
     final["stopped"] = stop.requested
     if step == 0:
-        if writer is not None:
-            writer.close()
+        metrics_log.close()
         raise TrainingError(
             f"trained 0 steps: the training split of {data_dir} gave no batch of {c.train.batch_size} rows "
             f"({n_train} records, {final['skipped_records']} skipped; see the log). Nothing was exported.")
@@ -418,8 +316,7 @@ def train(c, *, step_hook=None) -> dict:
             _export(graphdef, state, tok, ip, export_dir)
         if has_eval and step > start:
             run_eval(step)
-    if writer is not None:
-        writer.close()
+    metrics_log.close()
     return final
 
 
@@ -431,9 +328,7 @@ def _export(graphdef, state, tok, ip, export_dir) -> None:
 
 def _already_done(c, mngr, step, graphdef, state, tok, ip, export_dir) -> dict:
     """A rerun of a finished workdir: say so, write the export if a kill came before it, change nothing else."""
-    import orbax.checkpoint as ocp
-
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {}
+    meta = ckpt.restore_meta(mngr, step)
     mngr.close()
     if c.train.export and jax.process_index() == 0 and not os.path.exists(os.path.join(export_dir, "prm.json")):
         _export(graphdef, state, tok, ip, export_dir)
@@ -452,21 +347,6 @@ class _TqdmHandler(logging.Handler):
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # noqa: BLE001
             self.handleError(record)
-
-
-def _restore(mngr, step, state, state_sh, graphdef, freeze_vision):
-    import orbax.checkpoint as ocp
-
-    params_full = nnx.merge_state(state["trainable"], state["frozen"])
-    r = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(ckpt.abstract(nnx.to_pure_dict(params_full))),
-        opt_state=ocp.args.StandardRestore(ckpt.abstract(state["opt_state"])),
-                                                   data=ocp.args.JsonRestore()))
-    nnx.replace_by_pure_dict(params_full, r["params"])
-    model = nnx.merge(graphdef, params_full)
-    _, trainable, frozen = split_params(model, freeze_vision)
-    step_arr = jax.device_put(jnp.asarray(step, jnp.int32), state_sh["step"])
-    return {"trainable": trainable, "frozen": frozen, "opt_state": r["opt_state"], "step": step_arr}, r["data"]
 
 
 def evaluate(c, eval_step, state, data_dir, tok, ip, model_cfg, mesh) -> dict:
@@ -524,60 +404,6 @@ def _pad_rows(batch, mesh):
     return out
 
 
-def _accumulate(window, metrics):
-    window["sums"]["_n"] = window["sums"].get("_n", 0) + 1
-    for k, v in metrics.items():
-        window["sums"][k] = window["sums"].get(k, 0) + v  # device arrays; summed lazily
-
-
-def _log_train(window, step, sched, flops_tok, peak, writer, bar) -> dict:
-    from jaxprm.models.prm import f1_from_counts
-
-    sums = {k: float(v) for k, v in jax.device_get(window["sums"]).items()}
-    dt = time.perf_counter() - window["t"]
-    n_steps = max(1, int(round(sums.get("_n", 0))))
-    tokens = sums.get("tokens", 0.0)
-    f1 = f1_from_counts(sums)
-    out = {"train/loss": sums["loss_sum"] / max(sums["weight_sum"], 1e-9), "train/acc": f1["acc"],
-           "train/macro_f1": f1["macro_f1"], "train/grad_norm": sums.get("grad_norm", 0.0) / max(n_steps, 1),
-           "train/lr": float(sched(step)), "perf/tokens_per_s": tokens / max(dt, 1e-9)}
-    if "lm_tokens" in sums:
-        out["train/lm_loss"] = sums["lm_loss_sum"] / max(sums["lm_tokens"], 1.0)
-    if peak:
-        out["perf/mfu"] = flops_tok * tokens / max(dt, 1e-9) / peak
-    _write(writer, step, out)
-    if bar is not None:
-        bar.set_postfix(loss=f"{out['train/loss']:.4f}", acc=f"{out['train/acc']:.3f}",
-                        tok_s=f"{out['perf/tokens_per_s']:.0f}")
-    else:
-        log.info("step %d %s", step, _fmt(out))
-    window.update(t=time.perf_counter(), sums={})
-    return out
-
-
-def _fmt(d):
-    return " ".join(f"{k}={v:.4g}" for k, v in d.items())
-
-
-def _writer(workdir):
-    if jax.process_index() != 0:
-        return None
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        log.warning("tensorboardX not installed: no TensorBoard event files")
-        return None
-    return SummaryWriter(os.path.join(workdir, "events"))
-
-
-def _write(writer, step, d):
-    if writer is None:
-        return
-    for k, v in d.items():
-        writer.add_scalar(k, float(v), step)
-    writer.flush()
-
-
 def _progress(c, start, total):
     if not c.train.progress or jax.process_index() != 0:
         return None
@@ -631,9 +457,9 @@ def main(argv=None):
         except ConfigError as e:
             print(e, file=sys.stderr)
             sys.exit(2)
-        print("final: " + _fmt({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
+        print("final: " + fmt({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
 
-    app.run(run, argv=argv)
+    app.run(run, argv=argv, flags_parser=lambda a: config.parse_flags(a, prog="python -m jaxprm.train"))
 
 
 if __name__ == "__main__":

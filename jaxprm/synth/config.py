@@ -1,23 +1,23 @@
-"""Configuration of ``python -m jaxprm.synth``: defaults, config files and ``--config.x=y`` overrides.
+"""Configuration of ``python -m jaxprm.synth``: the defaults every synthesis config starts from, and
+their checks.
 
-A config file is a Python file with ``get_config()`` returning an ``ml_collections.ConfigDict``
-(``--config path.py:arg`` calls ``get_config("arg")``); ``configs/synth_tiny.py`` and
-``configs/synth_vlprm.py`` start from ``base_config()``. Overrides name a field by its dotted
-path and are parsed by the field's current type (bool: true/false/1/0/yes/no; int; float; str
-taken as is; None/tuple/list fields: a Python literal, else the string)::
+Config files and overrides work as for training (``jaxprm.config``, ml_collections' config_flags): a
+config file is a Python file with ``get_config()`` returning a ``ConfigDict`` (``--config path.py:arg``
+calls ``get_config("arg")``); ``configs/synth_tiny.py`` and ``configs/synth_vlprm.py`` start from
+``base_config()``. ``--config.a.b=value`` (or ``--config.a.b value``) overrides a field, parsed by
+the field's type (bool: true/false/1/0; int; float; str as is; tuple: a Python literal such as
+``(84, 84)``)::
 
     python -m jaxprm.synth --config configs/synth_tiny.py --config.num_questions=50 \\
         --config.judge.noise 0.3 --config.policy.kind=scripted --out /tmp/synth
 """
 from __future__ import annotations
 
-import ast
-import importlib.util
 import os
-import sys
-from typing import Any, Sequence
 
 from ml_collections import ConfigDict
+
+from jaxprm.config import ConfigError, Problems, load_config
 
 
 def base_config() -> ConfigDict:
@@ -81,99 +81,31 @@ def base_config() -> ConfigDict:
     return c
 
 
-def load_config(spec: str) -> ConfigDict:
-    """Load ``path.py`` or ``path.py:arg`` (``get_config(arg)``)."""
-    path, sep, arg = str(spec).partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    name = "_jaxprm_synth_config_" + str(abs(hash(os.path.abspath(path))))
-    mspec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(mspec)
-    sys.modules[name] = module
-    try:
-        mspec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(name, None)
-    if not hasattr(module, "get_config"):
-        raise AttributeError(f"{path} has no get_config()")
-    cfg = module.get_config(arg) if sep else module.get_config()
-    if not isinstance(cfg, ConfigDict):
-        cfg = ConfigDict(cfg)
-    return cfg
+def validate_synth_config(c) -> None:
+    """Check a synthesis config; raises ``ConfigError`` naming every field to change. The choices
+    come from the modules that act on them (``jaxprm.synth.run``, ``.policies``, ``.fuse``)."""
+    from jaxprm.synth import fuse, run
+    from jaxprm.synth.policies import PREFIX_MODES
+
+    p = Problems()
+    p.choice("source", c.source, run.QUESTION_SOURCES)
+    if c.source == "jsonl":
+        if p.need(bool(c.input.path), "source='jsonl' needs --config.input.path=FILE (one question per line)"):
+            p.need(os.path.exists(c.input.path), f"input.path={c.input.path!r} does not exist")
+    for part, kinds in (("policy", run.POLICY_KINDS), ("judge", run.JUDGE_KINDS)):
+        sub = c[part]
+        p.choice(f"{part}.kind", sub.kind, kinds)
+        if sub.kind == "openai":
+            try:
+                run.parse_extra_json(sub.extra_json)
+            except ValueError as e:
+                p.errors.append(f"{part}.extra_json: {e}")
+    if c.policy.kind == "openai":
+        p.choice("policy.prefix_mode", c.policy.prefix_mode, PREFIX_MODES)
+    p.choice("labels.primary", c.labels.primary, fuse.RULES)
+    p.choice("ground_truth", c.ground_truth, run.GROUND_TRUTH)
+    p.choice("on_question_error", c.on_question_error, run.ON_QUESTION_ERROR)
+    p.raise_if_any()
 
 
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
-
-
-def _parse_value(text: str, current: Any, key: str) -> Any:
-    if isinstance(current, bool):
-        t = text.strip().lower()
-        if t in _TRUE:
-            return True
-        if t in _FALSE:
-            return False
-        raise ValueError(f"--config.{key}: expected a boolean, got {text!r}")
-    if isinstance(current, int):
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError(f"--config.{key}: expected an int, got {text!r}") from None
-    if isinstance(current, float):
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(f"--config.{key}: expected a float, got {text!r}") from None
-    if isinstance(current, str):
-        return text
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-    if isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
-    return value
-
-
-def apply_override(cfg: ConfigDict, key: str, text: str) -> None:
-    parts = key.split(".")
-    node = cfg
-    for i, p in enumerate(parts[:-1]):
-        if p not in node:
-            raise KeyError(f"--config.{key}: no field {'.'.join(parts[: i + 1])!r}")
-        node = node[p]
-    last = parts[-1]
-    if not isinstance(node, ConfigDict) or last not in node:
-        avail = sorted(node.keys()) if isinstance(node, ConfigDict) else []
-        raise KeyError(f"--config.{key}: unknown field; available here: {avail}")
-    current = node[last]
-    if isinstance(current, ConfigDict):
-        raise KeyError(f"--config.{key} is a group; set one of its fields: {sorted(current.keys())}")
-    node[last] = _parse_value(text, current, key)
-
-
-def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Separate ``--config.a.b=v`` / ``--config.a.b v`` from the other arguments."""
-    rest: list[str] = []
-    overrides: list[tuple[str, str]] = []
-    argv = list(argv)
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a.startswith("--config."):
-            body = a[len("--config."):]
-            if "=" in body:
-                k, v = body.split("=", 1)
-            else:
-                if i + 1 >= len(argv):
-                    raise ValueError(f"{a}: missing value")
-                k, v = body, argv[i + 1]
-                i += 1
-            overrides.append((k, v))
-        else:
-            rest.append(a)
-        i += 1
-    return rest, overrides
-
-
-__all__ = ["apply_override", "base_config", "load_config", "split_overrides"]
+__all__ = ["ConfigError", "base_config", "load_config", "validate_synth_config"]

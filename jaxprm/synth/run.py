@@ -34,6 +34,7 @@ from jaxprm.data.answers import is_correct
 from jaxprm.data.schema import Record
 from jaxprm.synth import fuse as FU
 from jaxprm.synth import puzzle as PZ
+from jaxprm.synth.config import validate_synth_config
 from jaxprm.synth.judge import ScriptedJudge, VLMJudge
 from jaxprm.synth.policies import OpenAIRolloutPolicy, ScriptedPuzzlePolicy, usage_delta
 from jaxprm.synth.questions import (
@@ -48,10 +49,22 @@ from jaxprm.synth.rollout import mc_counts, sample_rollouts
 # ----------------------------------------------------------------------------- building blocks
 
 
-def _extra(text: str) -> dict:
+# the choices of the config fields this module acts on (checked by jaxprm.synth.config)
+QUESTION_SOURCES = ("synthetic", "jsonl")  # source
+POLICY_KINDS = ("scripted", "openai")  # policy.kind
+JUDGE_KINDS = ("scripted", "openai", "none")  # judge.kind
+GROUND_TRUTH = ("auto", "canonical", "none")  # ground_truth
+ON_QUESTION_ERROR = ("raise", "skip")  # on_question_error
+
+
+def parse_extra_json(text: str) -> dict:
+    """``policy.extra_json`` / ``judge.extra_json``: extra request fields, a JSON object ("" = none)."""
     if not text:
         return {}
-    obj = json.loads(text)
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"extra_json is not valid JSON ({e}): {text!r}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"extra_json must be a JSON object, got {text!r}")
     return obj
@@ -95,9 +108,9 @@ def build_policy(cfg: ConfigDict):
             make_client(p, "OPENAI_API_KEY"), name=f"openai:{p.model}", max_steps=cfg.max_steps_per_section,
             temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens or None,
             n_per_request=p.n_per_request or None, max_workers=p.max_workers, prefix_mode=p.prefix_mode,
-            send_seed=p.send_seed, extra=_extra(p.extra_json),
+            send_seed=p.send_seed, extra=parse_extra_json(p.extra_json),
         )
-    raise ValueError(f"policy.kind must be 'scripted' or 'openai', got {p.kind!r}")
+    raise ValueError(f"policy.kind must be one of {POLICY_KINDS}, got {p.kind!r}")
 
 
 def build_judge(cfg: ConfigDict):
@@ -111,9 +124,9 @@ def build_judge(cfg: ConfigDict):
         return VLMJudge(
             make_client(j, "JUDGE_API_KEY"), name=f"openai:{j.model}", max_attempts=j.max_attempts,
             temperature=temp, max_tokens=j.max_tokens or None, include_answer=j.include_answer,
-            extra=_extra(j.extra_json), keep_raw_chars=j.keep_raw_chars,
+            extra=parse_extra_json(j.extra_json), keep_raw_chars=j.keep_raw_chars,
         )
-    raise ValueError(f"judge.kind must be 'scripted', 'openai' or 'none', got {j.kind!r}")
+    raise ValueError(f"judge.kind must be one of {JUDGE_KINDS}, got {j.kind!r}")
 
 
 def load_questions(cfg: ConfigDict) -> list[Question]:
@@ -125,7 +138,7 @@ def load_questions(cfg: ConfigDict) -> list[Question]:
             raise ValueError("source='jsonl' needs config.input.path")
         qs = load_jsonl_questions(cfg.input.path, cfg.input.format, cfg.input.image_root or None)
         return qs[: cfg.num_questions] if cfg.num_questions else qs
-    raise ValueError(f"source must be 'synthetic' or 'jsonl', got {cfg.source!r}")
+    raise ValueError(f"source must be one of {QUESTION_SOURCES}, got {cfg.source!r}")
 
 
 # ----------------------------------------------------------------------------- one question
@@ -148,8 +161,8 @@ class Synthesizer:
             print(f"warning: no judge (judge.kind='none') but labels.primary={self.primary!r}: Step.label will be "
                   f"None everywhere; use --config.labels.primary=mc", file=sys.stderr)
         gt = cfg.ground_truth
-        if gt not in ("auto", "canonical", "none"):
-            raise ValueError(f"ground_truth must be auto, canonical or none, got {gt!r}")
+        if gt not in GROUND_TRUTH:
+            raise ValueError(f"ground_truth must be one of {GROUND_TRUTH}, got {gt!r}")
         self.ground_truth = gt == "canonical" or (gt == "auto" and isinstance(policy, ScriptedPuzzlePolicy))
 
     def _usage(self) -> dict:
@@ -423,10 +436,12 @@ def run(
     progress: bool | None = None,
 ) -> dict:
     """Process shard ``shard = (i, n)`` of the configured questions into ``out_dir``; returns the
-    stats (also written to ``stats-shard-...json``). ``hooks`` (for tests): ``"after_question"``
+    stats (also written to ``stats-shard-...json``). An invalid ``cfg`` raises ``jaxprm.config.ConfigError``
+    listing every field to change. ``hooks`` (for tests): ``"after_question"``
     ``(index, question)`` runs after a question is durably written; ``"before_done"`` ``(entry)``
     between a question's records and its done line. ``policy``/``judge`` override the configured
     ones."""
+    validate_synth_config(cfg)
     hooks = hooks or {}
     i, n = shard
     t_start = time.time()

@@ -1,37 +1,64 @@
 """Config overrides, the jsonl question source, and the OpenAI policy's request shapes."""
 import base64
 import json
+from pathlib import Path
 
 import pytest
 
+from jaxprm.config import ConfigError
 from jaxprm.data import synthetic as S
 from jaxprm.synth import format as F
-from jaxprm.synth.config import apply_override, base_config, split_overrides
+from jaxprm.synth.__main__ import parse_args
+from jaxprm.synth.config import base_config, validate_synth_config
 from jaxprm.synth.policies import GenRequest, OpenAIRolloutPolicy
 from jaxprm.synth.questions import Question, parse_shard, select_shard, synthetic_questions
 from jaxprm.synth.run import ShardStore, run
 
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "synth_tiny.py")
 
-def test_overrides_are_typed():
-    rest, ov = split_overrides(["--out", "x", "--config.mc.num_continuations=8", "--config.judge.noise", "0.5",
-                                "--config.mc.early_stop=true", "--config.synthetic.image_size=(84, 84)",
-                                "--config.policy.model=a=b"])
-    assert rest == ["--out", "x"]
-    c = base_config()
-    for k, v in ov:
-        apply_override(c, k, v)
+
+def _usage_error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_overrides_are_typed(capsys):
+    c, out, shard, _ = parse_args(["--out", "x", "--config", CONFIG, "--config.mc.num_continuations=8",
+                                   "--config.judge.noise", "0.5", "--config.mc.early_stop=true",
+                                   "--config.synthetic.image_size=(84, 84)", "--config.policy.model=a=b"])
+    assert out == "x" and shard == (0, 1)
     assert c.mc.num_continuations == 8 and c.judge.noise == 0.5 and c.mc.early_stop is True
     assert c.synthetic.image_size == (84, 84) and c.policy.model == "a=b"
-    with pytest.raises(ValueError):
-        apply_override(c, "mc.num_continuations", "lots")
-    with pytest.raises(ValueError):
-        apply_override(c, "mc.early_stop", "maybe")
-    with pytest.raises(KeyError):
-        apply_override(c, "mc.nope", "1")
-    with pytest.raises(KeyError):
-        apply_override(c, "mc", "1")
-    with pytest.raises(ValueError):
-        split_overrides(["--config.seed"])
+    assert c.seed == 0 and c.judge.noise != base_config().judge.noise  # the rest from the file
+    err = _usage_error(capsys, ["--out", "x", "--config", CONFIG, "--config.mc.num_continuations=lots"])
+    assert "--config.mc.num_continuations" in err and "lots" in err
+    assert "early_stop" in _usage_error(capsys, ["--out", "x", "--config", CONFIG, "--config.mc.early_stop=maybe"])
+    # every override naming no field, with what is there
+    err = _usage_error(capsys, ["--out", "x", "--config", CONFIG, "--config.mc.nope=1", "--config.mc.num_continuationz=2"])
+    assert "--config.mc.nope: config.mc has no field 'nope'; fields there: chunk, early_stop, num_continuations" in err
+    assert "did you mean --config.mc.num_continuations?" in err
+    assert "--config.mc" in _usage_error(capsys, ["--out", "x", "--config", CONFIG, "--config.mc=1"])  # a group
+    assert "--config.seed" in _usage_error(capsys, ["--out", "x", "--config", CONFIG, "--config.seed"])
+    assert "config file not found" in _usage_error(capsys, ["--out", "x", "--config", "no_such_config.py"])
+    assert "--out" in _usage_error(capsys, ["--config", CONFIG])
+
+
+def test_invalid_values_are_listed_together(capsys, tmp_path):
+    c = base_config()
+    c.policy.kind, c.labels.primary, c.source = "human", "majority", "jsonl"
+    with pytest.raises(ConfigError) as e:
+        validate_synth_config(c)
+    problems = str(e.value).splitlines()[1:]
+    assert len(problems) == 3, problems
+    assert "policy.kind" in problems[1] and "labels.primary" in problems[2] and "input.path" in problems[0]
+    with pytest.raises(ConfigError, match="policy.kind"):  # run() checks too, before any work
+        run(c, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    err = _usage_error(capsys, ["--out", str(tmp_path), "--config", CONFIG, "--config.judge.kind=oracle",
+                                "--config.ground_truth=maybe"])
+    assert err.startswith("invalid config:") and "judge.kind" in err and "ground_truth" in err
 
 
 def test_shard_helpers():

@@ -161,12 +161,11 @@ def test_cli(tmp_path, capsys):
     cfg = json.load(open(ShardStore(out).config_path))
     assert cfg["num_questions"] == 4 and cfg["mc"]["num_continuations"] == 4 and cfg["judge"]["noise"] == 0.0
     assert main(argv + ["--overwrite"]) == 0
-    with pytest.raises(SystemExit):
-        main(["--config", CONFIG, "--config.no_such_field=1", "--out", out])
-    with pytest.raises(SystemExit):
-        main(["--config", CONFIG, "--config.num_questions=many", "--out", out])
-    with pytest.raises(SystemExit):
-        main(["--config", CONFIG, "--out", out, "--shard", "2/2"])
+    for bad in (["--config.no_such_field=1"], ["--config.num_questions=many"], ["--shard", "2/2"],
+                ["--config.policy.kind=human"]):
+        with pytest.raises(SystemExit) as e:
+            main(["--config", CONFIG, "--out", out, *bad])
+        assert e.value.code == 2, bad  # a usage error, before any work
 
 
 def test_skip_failing_questions(tmp_path):

@@ -155,6 +155,50 @@ def test_config_validation_messages(tmp_path):
         validate_config(c)
 
 
+def test_config_choices_come_from_their_modules(tmp_path, monkeypatch):
+    """Adding a preset, a label rule or a remat policy is one edit, in the module that owns it."""
+    from jaxprm.data import labels
+    from jaxprm.models import remat
+    from jaxprm.models.qwen2_5_vl import presets
+    from jaxprm.train import ConfigError, validate_config
+
+    c = _tiny_config(str(tmp_path))
+    c.model.preset, c.model.hf_dir = "qwen2.5-vl-1b", str(tmp_path)
+    c.data.label_rule = "majority"
+    c.model.remat = "offload"
+    with pytest.raises(ConfigError) as e:
+        validate_config(c)
+    assert [p.split()[1] for p in str(e.value).splitlines()[1:]] == ["model.init='random'", "model.remat",
+                                                                     "data.label_rule"]
+    monkeypatch.setitem(presets.HF_CONFIGS, "qwen2.5-vl-1b", presets.HF_CONFIGS["qwen2.5-vl-3b"])
+    monkeypatch.setitem(labels.LABEL_RULES, "majority", labels.LABEL_RULES["mc"])
+    monkeypatch.setattr(remat, "NAMES", (*remat.NAMES, "offload"))
+    validate_config(c)
+
+
+def test_cli_config_errors(tmp_path):
+    """``python -m jaxprm.train``: an override naming no field, or invalid values, is one message that
+    lists every field to change, and exit status 2 (before any work)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def cli(*overrides):
+        r = subprocess.run([sys.executable, "-m", "jaxprm.train", "--config", "configs/tiny.py",
+                            f"--config.workdir={tmp_path / 'w'}", *overrides], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[2], timeout=300)
+        return r.returncode, r.stderr
+
+    rc, err = cli("--config.train.batchsize=4", "--config.model.nope=1")
+    assert rc == 2, err
+    assert "--config.train.batchsize: config.train has no field 'batchsize'; did you mean --config.train.batch_size?" in err
+    assert "--config.model.nope: config.model has no field 'nope'" in err
+    rc, err = cli("--config.train.grad_accum=3", "--config.model.remat=sometimes")
+    assert rc == 2 and err.startswith("invalid config:"), err
+    assert "model.remat" in err and "divisible by train.grad_accum" in err
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("name", ["qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen2_5_vl_7b_one_card"])
 def test_real_configs_only_miss_user_paths(name):
     """The shipped real-size configs are valid apart from the paths only the user can give."""
@@ -180,20 +224,20 @@ def test_tiny_config_learns(tmp_path):
     c.train.batch_size = 16
     c.train.export = True
     losses = []
-    import jaxprm.train as T
+    from jaxprm.metrics import TrainMetrics
 
-    orig = T._log_train
+    orig = TrainMetrics.log_train
 
-    def spy(*a, **k):
-        out = orig(*a, **k)
+    def spy(self, *a, **k):
+        out = orig(self, *a, **k)
         losses.append(out["train/loss"])
         return out
 
-    T._log_train = spy
+    TrainMetrics.log_train = spy
     try:
         m = train(c)
     finally:
-        T._log_train = orig
+        TrainMetrics.log_train = orig
     assert m["step"] == 60 and len(losses) == 6
     assert losses[-1] < losses[0] - 0.05, losses
     labels = [s.label for r in read_records(os.path.join(c.workdir, "data"), "validation") for s in r.steps
@@ -301,6 +345,7 @@ def test_rerun_of_a_finished_workdir_says_done(tmp_path, caplog):
 
     c = _tiny_config(str(tmp_path), max_steps=2, export=True)
     train_(c)
+    assert set(ckpt.ITEMS) <= set(os.listdir(os.path.join(c.workdir, ckpt.CHECKPOINTS, "2")))  # the layout
     events = sorted(os.listdir(os.path.join(c.workdir, "events")))
     with caplog.at_level(logging.INFO, logger="jaxprm.train"):
         m = train_(c)
