@@ -35,6 +35,6 @@ setup(
     ],
     extras_require={
         # torch is only the reference implementation for parity tests and benchmarks.
-        "test": ["torch>=2.4", "pytest>=8"],
+        "test": ["torch>=2.4", "pytest>=8", "scikit-learn"],
     },
 )

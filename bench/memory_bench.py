@@ -78,11 +78,10 @@ def analyse(args) -> dict:
     from jaxprm.optim import make_optimizer
     from jaxprm.train_step import make_train_step, split_params
 
-    dt = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
     cfg = model_config(args.model)
     mesh, device = _target_mesh(args.tpu)
     attn = "splash" if args.tpu and args.attn_impl == "auto" else args.attn_impl
-    model = nnx.eval_shape(lambda: PRMModel(Qwen25VL(cfg, dtype=jnp.bfloat16, param_dtype=dt[args.param_dtype],
+    model = nnx.eval_shape(lambda: PRMModel(Qwen25VL(cfg, dtype=jnp.bfloat16, param_dtype=jnp.dtype(args.param_dtype),
                                                      attn_impl=attn, remat_policy=args.remat),
                                             PRMSpec(plus_id=10, minus_id=11)))
     graphdef, trainable, frozen = split_params(model, not args.train_vision)

@@ -237,9 +237,9 @@ def bench_jax(cfg, inp: dict, args) -> dict:
 
     from jaxprm.models.prm import PRMModel, PRMSpec
     from jaxprm.scoring.device import Scorer, TokenSequence
-    from jaxprm.scoring.prm import _resolve_dtype
+    from jaxprm.dtypes import jax_float_type
 
-    dt = _resolve_dtype(args.dtype)
+    dt = jax_float_type(args.dtype)
     t0 = time.perf_counter()
     backbone = random_backbone(cfg, dt, args.attn_impl, args.seed)
     model = PRMModel(backbone, PRMSpec(plus_id=10, minus_id=11))

@@ -151,12 +151,12 @@ def bench_jax(cfg, inp, args) -> dict:
     from jaxprm.metrics import estimate_flops_per_token, peak_flops
     from jaxprm.train_step import init_train_state, jit_train_step, make_train_step, split_params
 
-    dt = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
     if args.batch % jax.device_count():
         raise SystemExit(f"--batch {args.batch} must be divisible by the {jax.device_count()} devices (fsdp mesh)")
     mesh = shd.make_mesh(data=1, fsdp=-1, tensor=1)
     spec = PRMSpec(plus_id=10, minus_id=11)
-    build = lambda: PRMModel(Qwen25VL(cfg, dtype=dt[args.dtype], param_dtype=dt[args.param_dtype],  # noqa: E731
+    dtype, param_dtype = jnp.dtype(args.dtype), jnp.dtype(args.param_dtype)
+    build = lambda: PRMModel(Qwen25VL(cfg, dtype=dtype, param_dtype=param_dtype,  # noqa: E731
                                       attn_impl=args.attn_impl, remat_policy=args.remat), spec)
     abstract = nnx.eval_shape(build)
     sh = shd.param_shardings(nnx.state(abstract, nnx.Param), mesh)

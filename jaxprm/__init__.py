@@ -9,21 +9,8 @@ Public API (imported lazily, so ``import jaxprm`` stays light)::
 """
 from __future__ import annotations
 
-import importlib
+from jaxprm._lazy import lazy_attributes
 
 __all__ = ["PRM", "Scorer", "load_prm"]
 
-_LAZY = {"PRM": "jaxprm.scoring", "Scorer": "jaxprm.scoring", "load_prm": "jaxprm.scoring"}
-
-
-def __getattr__(name: str):
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'jaxprm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, dict.fromkeys(__all__, "jaxprm.scoring"))

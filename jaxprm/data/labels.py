@@ -57,8 +57,22 @@ Rules
     defaults only steps on which MC and the judge agree are supervised. ``disagree="judge"`` /
     ``"mc"`` let one source win instead.
 
-``neutral`` (every rule): the label of a step the rule cannot decide -- ``"ignore"`` -> None
-    (unsupervised, the default), ``"positive"`` -> 1, ``"negative"`` -> 0.
+``vlprm_v2`` ("vlprm_v2") -- the trace-level consensus filtering of the public VL-PRM code
+    (``mc_consensus_filtering_v2_algo`` in ``theogbrand/mmr_rollout_data``,
+    ``convert_mc_to_prm_signal.py``): when the judge finds an error the judge's labels are used
+    whether MC agrees or not ("o4-mini_incorrect_and_MC_agrees_and_disagrees"); when the judge
+    accepts the trace it is kept (all "+") only if MC agrees that every step is correct
+    ("o4-mini_correct_and_MC_agrees") and dropped (all None) otherwise
+    ("o4-mini_correct_and_MC_disagrees"). A trace without judge verdicts, or (when the judge
+    accepts it) without MC values, is dropped too. (Their default MC threshold was 0.01.)
+    ``consensus_category`` names the trace's category.
+
+``neutral`` (``mc``, ``judge``, ``hybrid``): the label of a step the rule cannot decide --
+    ``"ignore"`` -> None (unsupervised, the default), ``"positive"`` -> 1, ``"negative"`` -> 0.
+
+The registry ``RULES`` (name -> ``LabelRule``: labels function, record function, the defaults
+label synthesis records, a one-line doc) is the one list of rules: importers
+(``label_rule=``), training (``data.label_rule``) and synthesis (``labels.primary``) all read it.
 """
 from __future__ import annotations
 
@@ -126,6 +140,18 @@ def _first_judge_error(steps: Sequence[Step]) -> int | None:
     return None
 
 
+def _first_mc_error(steps: Sequence[Step], threshold: float) -> int | None:
+    return next((i for i, s in enumerate(steps) if s.mc_value is not None and s.mc_value <= threshold), None)
+
+
+def _judged(steps: Sequence[Step]) -> bool:
+    return any(s.judge is not None for s in steps)
+
+
+def _has_mc(steps: Sequence[Step]) -> bool:
+    return any(s.mc_value is not None for s in steps)
+
+
 def judge_first_incorrect_labels(
     steps: Sequence[Step], *, neutral: str = "ignore", after_error: str = "ignore"
 ) -> list[int | None]:
@@ -182,6 +208,34 @@ def hybrid_labels(
     return labels
 
 
+def vlprm_v2_labels(steps: Sequence[Step], threshold: float = 0.0) -> list[int | None]:
+    """Labels of VL-PRM's trace-level consensus filtering (see module docstring)."""
+    threshold = _check_threshold(threshold)
+    n = len(steps)
+    if not _judged(steps):
+        return [None] * n
+    if _first_judge_error(steps) is not None:
+        return judge_first_incorrect_labels(steps, after_error="ignore")
+    if not _has_mc(steps):
+        return [None] * n
+    return [POSITIVE] * n if _first_mc_error(steps, threshold) is None else [None] * n
+
+
+def consensus_category(steps: Sequence[Step], threshold: float = 0.0) -> str:
+    """VL-PRM's trace categories: ``judge_correct_and_mc_agrees``, ``judge_correct_and_mc_disagrees``,
+    ``judge_incorrect_and_mc_agrees`` (MC's first step <= threshold is the judge's first error),
+    ``judge_incorrect_and_mc_disagrees``; ``no_judge`` / ``no_mc`` when a source is missing."""
+    if not _judged(steps):
+        return "no_judge"
+    if not _has_mc(steps):
+        return "no_mc"
+    err = _first_judge_error(steps)
+    mc_err = _first_mc_error(steps, threshold)
+    if err is None:
+        return "judge_correct_and_mc_agrees" if mc_err is None else "judge_correct_and_mc_disagrees"
+    return "judge_incorrect_and_mc_agrees" if mc_err == err else "judge_incorrect_and_mc_disagrees"
+
+
 # -- record / step-list wrappers ----------------------------------------------------------------------
 def _apply(target: Record | Sequence[Step], labels_fn: Callable[..., list], rule: dict[str, Any], **kw):
     steps = target.steps if isinstance(target, Record) else list(target)
@@ -226,21 +280,52 @@ def hybrid(
                   after_error=after_error, disagree=disagree)
 
 
-LABEL_RULES: dict[str, Callable[..., Any]] = {
-    "mc": mc_threshold,
-    "judge": judge_first_incorrect,
-    "hybrid": hybrid,
+def vlprm_v2(record, threshold: float = 0.0):
+    """VL-PRM's trace-level consensus filtering: the judge's labels when it finds an error, all ``+``
+    when it accepts the trace and MC agrees, the trace dropped (all None) otherwise."""
+    rule = {"name": "vlprm_v2", "threshold": float(_check_threshold(threshold))}
+    return _apply(record, vlprm_v2_labels, rule, threshold=threshold)
+
+
+# -- the registry -------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LabelRule:
+    """One label rule: ``labels(steps, **kw)`` -> labels, ``apply(record_or_steps, **kw)`` -> new
+    Record (labels and ``meta["label_rule"]``) or steps, and ``defaults``: the parameters label
+    synthesis uses and records for the rule (``jaxprm.synth.fuse``)."""
+
+    name: str
+    labels: Callable[..., list]
+    apply: Callable[..., Any]
+    defaults: dict[str, Any]
+
+    @property
+    def doc(self) -> str:
+        """The rule's one-line description (the first line of ``apply``'s docstring)."""
+        return (self.apply.__doc__ or "").strip().splitlines()[0]
+
+
+RULES: dict[str, LabelRule] = {
+    r.name: r
+    for r in (
+        LabelRule("mc", mc_threshold_labels, mc_threshold, {"threshold": 0.0, "after_error": "keep"}),
+        LabelRule("judge", judge_first_incorrect_labels, judge_first_incorrect, {"after_error": "ignore"}),
+        LabelRule("hybrid", hybrid_labels, hybrid, {"threshold": 0.0, "after_error": "ignore", "disagree": "neutral"}),
+        LabelRule("vlprm_v2", vlprm_v2_labels, vlprm_v2, {"threshold": 0.0}),
+    )
 }
+RULE_NAMES: tuple[str, ...] = tuple(RULES)  # what configs may name (data.label_rule, synth labels.primary)
+LABEL_RULES: dict[str, Callable[..., Any]] = {name: r.apply for name, r in RULES.items()}
 
 
 def get_label_rule(name: str | Callable[..., Any]) -> Callable[..., Any]:
-    """Look up a rule by name (``"mc"``, ``"judge"``, ``"hybrid"``); callables pass through."""
+    """Look up a rule's ``apply`` by name (one of ``RULE_NAMES``, any case); callables pass through."""
     if callable(name):
         return name
     key = str(name).strip().lower()
-    if key not in LABEL_RULES:
-        raise ValueError(f"unknown label rule {name!r}; known rules: {sorted(LABEL_RULES)}")
-    return LABEL_RULES[key]
+    if key not in RULES:
+        raise ValueError(f"unknown label rule {name!r}; known rules: {sorted(RULES)}")
+    return RULES[key].apply
 
 
 def apply_label_rule(record, name: str | Callable[..., Any], **kw):
@@ -250,6 +335,12 @@ def apply_label_rule(record, name: str | Callable[..., Any], **kw):
 
 __all__ = [
     "LABEL_RULES",
+    "LabelRule",
+    "RULES",
+    "RULE_NAMES",
+    "consensus_category",
+    "vlprm_v2",
+    "vlprm_v2_labels",
     "NEUTRAL_CHOICES",
     "AFTER_ERROR_CHOICES",
     "MC_AFTER_ERROR_CHOICES",

@@ -111,10 +111,11 @@ import numpy as np
 from jaxprm.data.prompt import PRM_SYSTEM_PROMPT, POSITIVE_TOKEN, encode_prm_example
 from jaxprm.data.schema import RecordError
 from jaxprm.data.tfds_builder import DEFAULT_NAME, data_source as _tfds_data_source, example_to_record
+from jaxprm.dtypes import float_dtype
+from jaxprm.models.qwen2_5_vl.rope import LAYOUT_KEYS, VisionLayouts, pad_layout  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-LAYOUT_KEYS = ("window_index", "reverse_index", "window_segment_ids", "full_segment_ids", "rotary_positions")
 REPORT_KEY = "_report"
 STATE_FORMAT = 1
 
@@ -217,14 +218,6 @@ class PipelineConfig:
         return self
 
 
-def _pixel_np_dtype(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(np.float32)
-
-
 def bucket_shapes(cfg: PipelineConfig) -> list[tuple[int, int]]:
     """Every (L, P) a batch can have."""
     return [(int(l), int(p)) for l in cfg.seq_buckets for p in cfg.patch_buckets]
@@ -240,7 +233,7 @@ def batch_spec(cfg: PipelineConfig, model_config, seq_len: int, num_patches: int
     return {
         "input_ids": ((b, l), i32), "segment_ids": ((b, l), i32), "position_ids": ((3, b, l), i32),
         "label_positions": ((b, s), i32), "labels": ((b, s), i32), "label_segment_ids": ((b, s), i32),
-        "pixel_values": ((b, p, d), _pixel_np_dtype(cfg.pixel_dtype)),
+        "pixel_values": ((b, p, d), float_dtype(cfg.pixel_dtype)),
         "window_index": ((b, p // unit), i32), "reverse_index": ((b, p // unit), i32),
         "window_segment_ids": ((b, p), i32), "full_segment_ids": ((b, p), i32),
         "rotary_positions": ((b, p, 2), i32), "image_grid_thw": ((b, i, 3), i32),
@@ -394,24 +387,11 @@ class BatchAssembler:
     def __init__(self, cfg: PipelineConfig, model_config, pad_token_id: int):
         v = model_config.vision
         self.cfg = cfg
-        self.merge, self.window_size, self.patch_size = int(v.spatial_merge_size), int(v.window_size), int(v.patch_size)
-        self.unit = self.merge**2
         self.patch_dim = int(v.patch_dim)
         self.pad_token_id = int(pad_token_id)
-        self.pixel_dtype = _pixel_np_dtype(cfg.pixel_dtype)
-        self._empty_layouts: dict[int, Any] = {}
-
-    def _layout(self, grids: np.ndarray, pad_to: int):
-        from jaxprm.models.qwen2_5_vl.rope import vision_layout
-
-        if len(grids) == 0:
-            if pad_to not in self._empty_layouts:
-                self._empty_layouts[pad_to] = vision_layout(np.zeros((0, 3), np.int64), merge=self.merge,
-                                                            window_size=self.window_size,
-                                                            patch_size=self.patch_size, pad_to=pad_to)
-            return self._empty_layouts[pad_to]
-        return vision_layout(grids, merge=self.merge, window_size=self.window_size, patch_size=self.patch_size,
-                             pad_to=pad_to)
+        self.pixel_dtype = float_dtype(cfg.pixel_dtype)
+        # rows rarely repeat their images, so only a few layouts (the empty ones) are worth keeping
+        self.layouts = VisionLayouts(v, max_cached=16)
 
     def __call__(self, rows: list[_Row]) -> dict[str, np.ndarray]:
         cfg = self.cfg
@@ -426,11 +406,6 @@ class BatchAssembler:
             "labels": np.full((b, s), -1, np.int32),
             "label_segment_ids": np.zeros((b, s), np.int32),
             "pixel_values": np.zeros((b, p, self.patch_dim), self.pixel_dtype),
-            "window_index": np.zeros((b, p // self.unit), np.int32),
-            "reverse_index": np.zeros((b, p // self.unit), np.int32),
-            "window_segment_ids": np.full((b, p), -1, np.int32),
-            "full_segment_ids": np.full((b, p), -1, np.int32),
-            "rotary_positions": np.zeros((b, p, 2), np.int32),
             "image_grid_thw": np.zeros((b, i, 3), np.int32),
             "num_images": np.zeros((b,), np.int32),
             "num_patches": np.zeros((b,), np.int32),
@@ -438,6 +413,7 @@ class BatchAssembler:
             "num_examples": np.zeros((b,), np.int32),
             "record_index": np.full((b, k), -1, np.int32),
         }
+        row_grids = []
         for r in range(b):
             row = rows[r] if r < len(rows) else None
             grids = []
@@ -464,9 +440,8 @@ class BatchAssembler:
             g = np.concatenate(grids, 0) if grids else np.zeros((0, 3), np.int32)
             out["image_grid_thw"][r, : len(g)] = g
             out["num_images"][r] = len(g)
-            lay = self._layout(g, p)
-            for key in LAYOUT_KEYS:
-                out[key][r] = getattr(lay, key)
+            row_grids.append(g)
+        out.update(self.layouts.batch(row_grids, p))
         return out
 
 
@@ -822,13 +797,6 @@ def pad_batch(batch: dict[str, np.ndarray], seq_len: int | None = None, num_patc
         out["segment_ids"] = np.pad(batch["segment_ids"], ((0, 0), (0, dl)))
         out["position_ids"] = np.pad(batch["position_ids"], ((0, 0), (0, 0), (0, dl)))
     if num_patches > p:
-        dp = num_patches - p
-        m, mt = p // unit, num_patches // unit
-        out["pixel_values"] = np.pad(batch["pixel_values"], ((0, 0), (0, dp), (0, 0)))
-        out["window_segment_ids"] = np.pad(batch["window_segment_ids"], ((0, 0), (0, dp)), constant_values=-1)
-        out["full_segment_ids"] = np.pad(batch["full_segment_ids"], ((0, 0), (0, dp)), constant_values=-1)
-        out["rotary_positions"] = np.pad(batch["rotary_positions"], ((0, 0), (0, dp), (0, 0)))
-        extra = np.broadcast_to(np.arange(m, mt, dtype=np.int32), (b, mt - m))
-        out["window_index"] = np.concatenate([batch["window_index"], extra], 1).astype(np.int32)
-        out["reverse_index"] = np.argsort(out["window_index"], axis=1).astype(np.int32)
+        out["pixel_values"] = np.pad(batch["pixel_values"], ((0, 0), (0, num_patches - p), (0, 0)))
+        out.update(pad_layout(batch, num_patches, merge_size))
     return out

@@ -36,6 +36,8 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
+from jaxprm.atomic import atomic_write_json
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -262,8 +264,7 @@ class ImageProcessor:
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(os.fspath(directory), "preprocessor_config.json"), "w", encoding="utf-8") as f:
-            json.dump(self.to_config(), f, indent=2)
+        atomic_write_json(os.path.join(os.fspath(directory), "preprocessor_config.json"), self.to_config(), indent=2)
 
     # -- sizes -------------------------------------------------------------------------------------------
     def resized_size(self, height: int, width: int) -> tuple[int, int]:

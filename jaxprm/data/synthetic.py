@@ -34,11 +34,9 @@ import argparse
 import dataclasses
 import functools
 import io
-import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -697,6 +695,31 @@ def make_record(
     return rec.validate()
 
 
+def puzzle_from_meta(meta: dict, question: str, answer: Any) -> Puzzle:
+    """The ``Puzzle`` whose scene ``make_record`` stored in ``meta`` (``scene``, ``grid``,
+    ``image_size``, ``question_type``, ``params``), with its question and answer."""
+    return Puzzle(
+        shapes=[Shape(**d) for d in meta["scene"]],
+        grid=tuple(int(x) for x in meta["grid"]),
+        image_size=tuple(int(x) for x in meta["image_size"]),
+        question_type=meta["question_type"],
+        params=meta["params"],
+        question=question,
+        answer="" if answer is None else str(answer),
+    )
+
+
+def puzzle_from_record(record) -> Puzzle:
+    """The ``Puzzle`` of a synthetic ``Record``, or of anything with the same ``id``, ``question``,
+    ``answer`` and ``meta`` (a label-synthesis ``Question`` of the embedded task). Raises
+    ``ValueError`` naming the record when its meta holds no scene."""
+    try:
+        return puzzle_from_meta(record.meta, record.question, record.answer)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"record {getattr(record, 'id', '?')!r} is not a synthetic puzzle record "
+                         f"(meta lacks {e})") from None
+
+
 def _plan(n: int, seed: int, error_rate: float, perception_error_share: float) -> list[str | None]:
     """Exactly round(n*error_rate) errors, round(n_err*share) of them perception; shuffled."""
     if not 0.0 <= error_rate <= 1.0 or not 0.0 <= perception_error_share <= 1.0:
@@ -899,20 +922,11 @@ def _parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def write_jsonl(records: Sequence[Record], path: str) -> None:
-    """Write one ``Record.to_dict()`` JSON per line, atomically (temp file in the same dir, then rename)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for r in records:
-                fh.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def write_jsonl(records: Sequence[Record], path: str) -> int:
+    """``jaxprm.data.formats.write_jsonl``: validated ``Record.to_dict()`` lines, written atomically."""
+    from jaxprm.data.formats import write_jsonl as _write_jsonl
+
+    return _write_jsonl(records, path)
 
 
 def _save_preview(records: Sequence[Record], out_dir: str, k: int) -> None:

@@ -40,18 +40,18 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
+from jaxprm.atomic import atomic_write_json
 from jaxprm.eval import answers as ans_lib
 from jaxprm.eval import bon_curve as bon_lib
 from jaxprm.eval import step_f1 as f1_lib
 from jaxprm.data.jsonl import BadLine, iter_jsonl
+from jaxprm.reporting import format_table
 
 DEFAULT_AGGREGATIONS = "mean,min,last,product,orm"
 SYNTHETIC_EVAL_SEED = 20240917  # far from the training data's default seed 0
@@ -87,28 +87,8 @@ def load_prm(path: str):
     return _load(path)
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain-text table with right-aligned numbers (floats with 4 decimals)."""
-    def cell(v):
-        if isinstance(v, float):
-            return "nan" if math.isnan(v) else f"{v:.4f}"
-        return str(v)
-
-    body = [[cell(v) for v in r] for r in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in body)) if body else len(str(h)) for i, h in enumerate(headers)]
-    line = "  ".join(str(h).ljust(w) if i == 0 else str(h).rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))
-    out = [line, "-" * len(line)]
-    for r in body:
-        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    return "\n".join(out)
-
-
 def _write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=_json_default)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=2, ensure_ascii=False, default=_json_default)
 
 
 def _json_default(o):

@@ -37,6 +37,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 from jaxprm.data.formats.visualprocessbench import read_visualprocessbench_rows
+from jaxprm.reporting import binary_f1, two_class_f1
 
 __all__ = [
     "CORRECT",
@@ -52,12 +53,6 @@ __all__ = [
 CORRECT, NEUTRAL, INCORRECT = 1, 0, -1
 _NEUTRAL_MODES = ("exclude", "correct", "incorrect")
 _SCORE_KEYS = ("pred_scores", "prm_scores", "step_scores", "scores")
-
-
-def binary_f1(tp: int, fp: int, fn: int) -> float:
-    """F1 = 2TP / (2TP + FP + FN); 0.0 when the denominator is 0."""
-    denom = 2 * tp + fp + fn
-    return 0.0 if denom == 0 else 2.0 * tp / denom
 
 
 def _flatten(x: Any, what: str) -> np.ndarray:
@@ -139,14 +134,13 @@ def visualprocessbench_f1(
     fp = int(np.sum(pred_correct & ~gold_correct))
     fn = int(np.sum(~pred_correct & gold_correct))
     tn = int(np.sum(~pred_correct & ~gold_correct))
-    f1_correct = binary_f1(tp, fp, fn)
-    f1_incorrect = binary_f1(tn, fn, fp)  # "incorrect" as the positive class
+    f1 = two_class_f1(tp, fp, fn, tn)  # "correct" is the counted class; "incorrect" the other
     n = int(gold.shape[0])
     return {
-        "f1_correct": f1_correct,
-        "f1_incorrect": f1_incorrect,
-        "macro_f1": (f1_correct + f1_incorrect) / 2.0,
-        "accuracy": (tp + tn) / n if n else 0.0,
+        "f1_correct": f1["f1"],
+        "f1_incorrect": f1["f1_other"],
+        "macro_f1": f1["macro_f1"],
+        "accuracy": f1["accuracy"],
         "n_steps": n,
         "n_correct": int(np.sum(gold_correct)),
         "n_incorrect": int(n - np.sum(gold_correct)),

@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxprm.atomic import atomic_write_json
 from jaxprm.models.qwen2_5_vl import Qwen25VL
+from jaxprm.reporting import two_class_f1
 from jaxprm.models.qwen2_5_vl.layers import param
-from jaxprm.models.qwen2_5_vl.model import LAYOUT_KEYS
+from jaxprm.models.qwen2_5_vl.rope import LAYOUT_KEYS
 
 HEADS = ("lm_rows", "linear")
 # What the assistant turns hold in the training prompt (the prompt style's history; see
@@ -51,8 +53,7 @@ class PRMSpec:
             raise ValueError("plus_id and minus_id must differ")
 
     def save(self, directory: str) -> None:
-        with open(os.path.join(directory, "prm.json"), "w") as f:
-            json.dump(dataclasses.asdict(self), f, indent=2)
+        atomic_write_json(os.path.join(directory, "prm.json"), dataclasses.asdict(self), indent=2)
 
     @classmethod
     def load(cls, directory: str) -> "PRMSpec | None":
@@ -153,12 +154,7 @@ def step_loss(logits, labels, class_weights=(1.0, 1.0)):
 
 
 def f1_from_counts(m: dict) -> dict:
-    """Accuracy, F1 of each class and their macro mean from summed ``step_loss`` metrics."""
-    tp, fp, fn, tn = (float(m[k]) for k in ("tp_neg", "fp_neg", "fn_neg", "tn_neg"))
-
-    def f1(tp_, fp_, fn_):
-        return 2 * tp_ / (2 * tp_ + fp_ + fn_) if tp_ + fp_ + fn_ else 0.0
-
-    f_neg, f_pos = f1(tp, fp, fn), f1(tn, fn, fp)
-    n = tp + fp + fn + tn
-    return {"acc": (tp + tn) / n if n else 0.0, "f1_neg": f_neg, "f1_pos": f_pos, "macro_f1": (f_neg + f_pos) / 2}
+    """Accuracy, F1 of each class and their macro mean from summed ``step_loss`` metrics (host side,
+    ``jaxprm.reporting.two_class_f1`` with "-" as the counted class)."""
+    r = two_class_f1(*(float(m[k]) for k in ("tp_neg", "fp_neg", "fn_neg", "tn_neg")))
+    return {"acc": r["accuracy"], "f1_neg": r["f1"], "f1_pos": r["f1_other"], "macro_f1": r["macro_f1"]}

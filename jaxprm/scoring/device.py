@@ -44,8 +44,7 @@ import numpy as np
 from flax import nnx
 
 from jaxprm.models.prm import PRMModel, step_probs
-from jaxprm.models.qwen2_5_vl import rope
-from jaxprm.models.qwen2_5_vl.model import LAYOUT_KEYS
+from jaxprm.models.qwen2_5_vl.rope import LAYOUT_KEYS, VisionLayouts
 
 __all__ = ["Scorer", "TokenSequence", "KVCache", "SuffixKV", "bucket_size", "DEFAULT_LENGTH_BUCKETS",
            "DEFAULT_SUFFIX_BUCKETS", "DEFAULT_PATCH_BUCKETS", "DEFAULT_BATCH_BUCKETS"]
@@ -280,7 +279,7 @@ class Scorer:
         self.max_batch_tokens = None if max_batch_tokens is None else int(max_batch_tokens)
         self.graphdef, self.state = nnx.split(model)
         self._fns = _compiled_for(self.graphdef)
-        self._layouts: dict = {}
+        self._layouts = VisionLayouts(self.config.vision)
 
     # -- introspection ---------------------------------------------------------------------------
     @property
@@ -319,19 +318,6 @@ class Scorer:
             rows = max([b for b in self.batch_buckets if b <= rows] or [1])
         return rows
 
-    def _layout(self, grid: np.ndarray | None, pad_to: int) -> dict[str, np.ndarray]:
-        key = (None if grid is None else tuple(map(tuple, np.asarray(grid).tolist())), pad_to)
-        lay = self._layouts.get(key)
-        if lay is None:
-            v = self.config.vision
-            g = np.zeros((0, 3), np.int64) if grid is None else grid
-            lay = rope.vision_layout(g, merge=v.spatial_merge_size, window_size=v.window_size,
-                                     patch_size=v.patch_size, pad_to=pad_to).as_dict()
-            if len(self._layouts) > 4096:
-                self._layouts.clear()
-            self._layouts[key] = lay
-        return lay
-
     def _pack(self, seqs: Sequence[TokenSequence | None], rows: int, length: int, patches: int) -> dict:
         """Right-pad sequences into a (rows, length) batch (None / missing rows: dummy rows)."""
         ids = np.zeros((rows, length), np.int32)
@@ -340,22 +326,20 @@ class Scorer:
         batch = {"input_ids": ids, "position_ids": pos, "segment_ids": seg}
         if patches:
             pv = np.zeros((rows, patches, self.patch_dim), np.float32)
-            lays = []
+            grids = []
         for i in range(rows):
             s = seqs[i] if i < len(seqs) else None
             if s is not None:
                 n = len(s)
                 ids[i, :n], pos[:, i, :n], seg[i, :n] = s.input_ids, s.position_ids, 1
             if patches:
-                if s is not None and s.pixel_values is not None:
+                has_image = s is not None and s.pixel_values is not None
+                if has_image:
                     pv[i, : s.num_patches] = s.pixel_values
-                    lays.append(self._layout(s.image_grid_thw, patches))
-                else:
-                    lays.append(self._layout(None, patches))
+                grids.append(s.image_grid_thw if has_image else None)
         if patches:
             batch["pixel_values"] = pv
-            for k in LAYOUT_KEYS:
-                batch[k] = np.stack([lay[k] for lay in lays])
+            batch.update(self._layouts.batch(grids, patches))
         return batch
 
     # -- scoring ---------------------------------------------------------------------------------

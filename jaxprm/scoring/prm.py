@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprm.data.preprocess import ImageProcessor
+from jaxprm.dtypes import jax_float_type
 from jaxprm.data.prompt import POSITIVE_TOKEN, PRM_SYSTEM_PROMPT, build_messages, encode_prm_example, label_token_ids
 from jaxprm.data.tokenizer import QWEN_SPECIAL_TOKENS
 from jaxprm.models.prm import PRMModel
@@ -435,20 +436,7 @@ class IncrementalScorer:
 # ------------------------------------------------------------------------------------------------
 # loading
 # ------------------------------------------------------------------------------------------------
-def _resolve_dtype(dtype):
-    if isinstance(dtype, str):
-        names = {"float32": jnp.float32, "fp32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16,
-                 "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16, "f16": jnp.float16}
-        if dtype.lower() not in names:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or a jnp dtype")
-        return names[dtype.lower()]
-    try:
-        dt = jnp.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype must be a string or a jnp dtype, got {dtype!r}") from None
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise ValueError(f"dtype must be a floating type, got {dt}")
-    return dt.type
+_resolve_dtype = jax_float_type  # the name bench/ and jaxprm.search.scorer import
 
 
 def load_prm(path, dtype="float32", step: int | None = None, *, attn_impl: str = "auto",
@@ -456,7 +444,8 @@ def load_prm(path, dtype="float32", step: int | None = None, *, attn_impl: str =
     """A ``PRM`` from a jaxprm training workdir (latest Orbax step, or ``step``), an exported PRM, or an
     HF Qwen2.5-VL directory (e.g. a released VL-PRM checkpoint; "+"/"-" rows of the lm head).
 
-    ``dtype``: "float32" / "bfloat16" / a jnp dtype (compute and storage). Other keyword arguments
+    ``dtype``: "float32" / "bfloat16" / "float16" (or an alias such as "bf16", see ``jaxprm.dtypes``) / a jnp
+    dtype (compute and storage). Other keyword arguments
     go to ``PRM`` / ``Scorer`` (``batch_size``, ``length_buckets``, ``patch_buckets``, ...).
     """
     from jaxprm.checkpointing import load_prm_model

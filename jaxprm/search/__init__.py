@@ -6,7 +6,7 @@
 Names are imported lazily (the sampler and the scoring names pull in JAX; the rest does not).
 ``PRM``, ``Scorer`` and ``load_prm`` live in ``jaxprm.scoring``; they stay importable from here.
 """
-import importlib
+from jaxprm._lazy import lazy_attributes
 
 _LAZY = {
     **{n: ".search" for n in ("best_of_n", "guided_greedy_search", "SearchResult", "score_candidates", "score_orm",
@@ -22,10 +22,4 @@ _LAZY = {
 }
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -54,6 +54,7 @@ __all__ = [
     "RateLimiter",
     "Usage",
     "build_messages",
+    "chat_n",
     "image_to_data_url",
 ]
 
@@ -448,16 +449,23 @@ class OpenAIChatClient:
         return self.chat_n(build_messages(image, question, system_prompt), n, **sampling)
 
     def chat_n(self, messages: Sequence[dict], n: int, **kwargs: Any) -> list[str]:
-        """Exactly ``n`` choices for ``messages``: one request for all of them, topped up with further
-        requests when a server returns fewer than asked (some cap ``n``)."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        out: list[str] = []
-        for _ in range(n):  # bounded: each round returns at least one choice or fails
-            got = self.chat(messages, n=n - len(out), **kwargs)
-            if not got:
-                raise APIError(f"server returned no choices for a request with n={n - len(out)}")
-            out.extend(got)
-            if len(out) >= n:
-                break
-        return out[:n]
+        """Exactly ``n`` choices for ``messages`` (see ``chat_n``)."""
+        return chat_n(self, messages, n, **kwargs)
+
+
+def chat_n(client, messages: Sequence[dict], n: int, seed: int | None = None, **kwargs: Any) -> list[str]:
+    """Exactly ``n`` choices for ``messages`` from ``client.chat``: one request for all of them,
+    topped up with further requests when a server returns fewer than asked (some cap ``n``). A
+    top-up request carries ``seed + round`` so that a seeded server does not repeat the samples it
+    already gave."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    out: list[str] = []
+    for round_ in range(n):  # bounded: each round returns at least one choice or fails
+        got = client.chat(messages, n=n - len(out), seed=None if seed is None else int(seed) + round_, **kwargs)
+        if not got:
+            raise APIError(f"server returned no choices for a request with n={n - len(out)}")
+        out.extend(got)
+        if len(out) >= n:
+            break
+    return out[:n]

@@ -1,10 +1,18 @@
-"""Policies: what proposes solutions (best-of-N) and next steps (guided search).
+"""Policies: what proposes solutions (best-of-N), next steps (guided search) and continuations of
+partial solutions (Monte-Carlo values in label synthesis). One interface for all of them.
 
-A ``Policy`` has two methods::
+A ``Policy`` has three methods::
 
     sample_solutions(image, question, n, **sampling) -> list[str]          # n full solutions
     sample_next_steps(image, question, prefix_steps, k, **sampling) -> list[str]
                                                # k candidate next steps after ``prefix_steps``
+    sample_continuations(image, question, prefix, n, **sampling) -> list[str]
+                                               # n texts that complete the partial answer ``prefix``
+
+``prefix + continuation`` is a whole answer (the continuation starts where the prefix stops, so it
+may begin with a newline). Label synthesis (``jaxprm.synth.policies``) sends its batched requests
+to any ``Policy`` through ``PolicyRollouts``; its rollout prompt goes in as ``question`` (with
+``instruction=None``).
 
 Step-wise generation continues the assistant turn: the answer so far is the prefix steps joined
 by blank lines plus a trailing blank line (``join_steps(prefix) + "\\n\\n"``), and generation stops
@@ -23,16 +31,21 @@ Implementations:
   ``OpenAIChatClient``. A partial answer is sent as a final **assistant message** with
   ``continue_final_message=True`` and ``add_generation_prompt=False`` in the request body (vLLM's
   and SGLang's chat-completions extensions; the chat template then renders the assistant turn
-  open, without its end-of-turn token, and the model continues it). Servers without that extension
-  (OpenAI itself) can use ``continuation="user_prompt"``: the partial solution is quoted in the
-  user turn with an instruction to write only the next step — weaker, since the model may restate
-  or skip ahead. Note: the prefix ends with a blank line; a server that strips trailing whitespace
-  of the final message would make the model start with ``"\\n\\n"`` and stop at once (vLLM and
-  transformers' ``continue_final_message`` keep it).
+  open, without its end-of-turn token, and the model continues it). ``continuation=
+  "assistant_message"`` sends the assistant message without those fields (what the VL-PRM rollout
+  script does with Azure OpenAI). Servers without either (OpenAI itself) can use
+  ``continuation="user_prompt"``: the partial solution is quoted in the user turn with an
+  instruction to write only the next step (``CONTINUE_INSTRUCTION``) or to finish the solution
+  (``continue_instruction``) — weaker, since the model may restate or skip ahead. Note: the
+  prefix ends with a blank line; a server that strips trailing whitespace of the final message
+  would make the model start with ``"\\n\\n"`` and stop at once (vLLM and transformers'
+  ``continue_final_message`` keep it).
 * ``ScriptedPolicy(records)`` — offline and deterministic, for the embedded puzzle task
   (``jaxprm.data.synthetic``): it knows each puzzle's scene, so it writes the correct next step or,
   with probability ``step_error_rate``, a step with one injected perception/reasoning error
   (``inject_error``), continuing a wrong prefix consistently. Useful for tests and demos of search.
+  (``jaxprm.synth.policies.ScriptedPuzzlePolicy`` is the noisier solver label synthesis uses, in
+  the tagged step format; it implements this interface too.)
 """
 from __future__ import annotations
 
@@ -42,15 +55,21 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from jaxprm.data.solution import STEP_SEPARATOR, clean_step, join_steps
+from jaxprm.data import synthetic as syn
+from jaxprm.data.schema import PERCEPTION
+from jaxprm.data.solution import REASON, STEP_SEPARATOR, VISUAL, clean_step, join_steps, split_steps
+from jaxprm.data.synthetic import puzzle_from_record
 
-__all__ = ["DEFAULT_INSTRUCTION", "JaxPolicy", "OpenAIPolicy", "Policy", "ScriptedPolicy", "format_question"]
+__all__ = ["CONTINUE_INSTRUCTION", "CONTINUE_SOLUTION_INSTRUCTION", "DEFAULT_INSTRUCTION", "JaxPolicy",
+           "OpenAIPolicy", "Policy", "PuzzleIndex", "ScriptedPolicy", "format_question", "puzzle_from_record"]
 
 # The instruction of the embedded task (jaxprm.data.synthetic.PROMPT_TEXTS): perception, then reasoning, boxed answer.
 DEFAULT_INSTRUCTION = ("Look at the image and answer the question. Describe the visual elements first, then reason "
                        "step by step, and put the final answer in \\boxed{}.")
 CONTINUE_INSTRUCTION = ("Here is the beginning of a solution:\n\n{partial}\n\nContinue it: write only the next step "
                         "(one paragraph) and nothing else.")
+CONTINUE_SOLUTION_INSTRUCTION = ("Here is the beginning of a solution:\n\n{partial}\n\nContinue it from exactly where "
+                                 "it stops and finish the solution. Write only the continuation.")
 
 
 def format_question(question: str, instruction: str | None = DEFAULT_INSTRUCTION) -> str:
@@ -63,6 +82,8 @@ class Policy(Protocol):
     def sample_solutions(self, image, question: str, n: int, **sampling) -> list[str]: ...
 
     def sample_next_steps(self, image, question: str, prefix_steps: Sequence[str], k: int, **sampling) -> list[str]: ...
+
+    def sample_continuations(self, image, question: str, prefix: str, n: int, **sampling) -> list[str]: ...
 
 
 def _first_chunk(text: str) -> str:
@@ -78,7 +99,16 @@ class _ContinuingPolicy:
     step_stop: tuple[str, ...] = (STEP_SEPARATOR,)
 
     def _complete(self, image, question, assistant_prefix: str, n: int, stop, **sampling) -> list[str]:
+        """``n`` completions of the answer ``assistant_prefix`` (``stop``: a list for one step, None
+        for the rest of the answer)."""
         raise NotImplementedError
+
+    def sample_continuations(self, image, question: str, prefix: str, n: int, **sampling) -> list[str]:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be the text of a partial answer, got {type(prefix).__name__}")
+        return list(self._complete(image, question, prefix, n, None, **sampling))
 
     def sample_solutions(self, image, question: str, n: int, **sampling) -> list[str]:
         if n < 1:
@@ -147,43 +177,52 @@ class JaxPolicy(_ContinuingPolicy):
 
 class OpenAIPolicy(_ContinuingPolicy):
     """A policy served by an OpenAI-compatible server (see the module docstring for how a partial
-    solution is continued). ``continuation``: ``"continue_final_message"`` (vLLM / SGLang) or
-    ``"user_prompt"`` (any server)."""
+    solution is continued). ``continuation``: ``"continue_final_message"`` (vLLM / SGLang),
+    ``"assistant_message"`` or ``"user_prompt"`` (any server). Keyword arguments other than the
+    named ones are sampling defaults and extra request-body fields."""
 
-    CONTINUATIONS = ("continue_final_message", "user_prompt")
+    CONTINUATIONS = ("continue_final_message", "assistant_message", "user_prompt")
 
     def __init__(self, client, instruction: str | None = DEFAULT_INSTRUCTION, *, system_prompt: str | None = None,
-                 continuation: str = "continue_final_message", step_max_tokens: int = 256, **sampling):
+                 continuation: str = "continue_final_message", step_max_tokens: int = 256,
+                 continue_instruction: str = CONTINUE_SOLUTION_INSTRUCTION, **sampling):
         if continuation not in self.CONTINUATIONS:
             raise ValueError(f"continuation must be one of {self.CONTINUATIONS}, got {continuation!r}")
         self.client, self.instruction, self.system_prompt = client, instruction, system_prompt
         self.continuation = continuation
         self.step_max_tokens = int(step_max_tokens)
-        self.defaults = dict(sampling)
+        self.continue_instruction = continue_instruction
+        self.defaults = dict(sampling)  # sampling defaults and extra request-body fields
 
-    def messages(self, image, question: str, assistant_prefix: str = "") -> tuple[list[dict], dict]:
-        """(chat messages, extra request fields) for a prompt and an optional partial answer."""
+    def messages(self, image, question: str, assistant_prefix: str = "", *,
+                 next_step: bool = True) -> tuple[list[dict], dict]:
+        """(chat messages, extra request fields) for a prompt and an optional partial answer
+        (``next_step``: the request is for one more step, not for the rest of the answer)."""
         from .openai_client import build_messages
 
         user = format_question(question, self.instruction)
         extra: dict[str, Any] = {}
         if assistant_prefix and self.continuation == "user_prompt":
-            user = user + "\n\n" + CONTINUE_INSTRUCTION.format(partial=assistant_prefix.rstrip())
+            template = CONTINUE_INSTRUCTION if next_step else self.continue_instruction
+            user = user + "\n\n" + template.format(partial=assistant_prefix.rstrip())
         messages = build_messages(image, user, self.system_prompt)
-        if assistant_prefix and self.continuation == "continue_final_message":
+        if assistant_prefix and self.continuation != "user_prompt":
             messages.append({"role": "assistant", "content": assistant_prefix})
-            extra = {"continue_final_message": True, "add_generation_prompt": False}
+            if self.continuation == "continue_final_message":
+                extra = {"continue_final_message": True, "add_generation_prompt": False}
         return messages, extra
 
     def _complete(self, image, question, assistant_prefix, n, stop, **sampling):
+        from .openai_client import chat_n
+
         kw = dict(self.defaults)
         if stop is not None:
             kw.setdefault("max_tokens", self.step_max_tokens)
         if "max_new_tokens" in sampling:
             sampling["max_tokens"] = sampling.pop("max_new_tokens")
         kw.update({k: v for k, v in sampling.items() if v is not None})
-        messages, extra = self.messages(image, question, assistant_prefix)
-        return self.client.chat_n(messages, n, stop=stop, **extra, **kw)
+        messages, extra = self.messages(image, question, assistant_prefix, next_step=stop is not None)
+        return chat_n(self.client, messages, n, stop=stop, **{**kw, **extra})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,18 +238,50 @@ def _image_key(image) -> str | None:
     return None
 
 
-def puzzle_from_record(record):
-    """Rebuild the ``synthetic.Puzzle`` of a synthetic ``Record`` (from its ``meta``)."""
-    from jaxprm.data import synthetic as syn
+class PuzzleIndex:
+    """The embedded task's puzzles of some records or questions (anything with ``id``,
+    ``question``, ``images``, ``answer`` and the scene in ``meta``), found by (question, image) or,
+    when the image does not pick one, by the question alone. ``find`` returns ``(item, puzzle)``."""
 
-    meta = record.meta
-    try:
-        shapes = [syn.Shape(**s) for s in meta["scene"]]
-        return syn.Puzzle(shapes=shapes, grid=tuple(meta["grid"]), image_size=tuple(meta["image_size"]),
-                          question_type=meta["question_type"], params=meta["params"], question=record.question,
-                          answer=record.answer or "")
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"record {record.id!r} is not a synthetic puzzle record (meta lacks {e})") from None
+    def __init__(self, items: Sequence = (), owner: str = "PuzzleIndex"):
+        self.owner = owner
+        self._by_key: dict[tuple[str, str | None], tuple[Any, Any]] = {}
+        self._by_question: dict[str, list[tuple[Any, Any]]] = {}
+        for item in items:
+            self.add(item)
+
+    def add(self, item) -> tuple[Any, Any]:
+        key = (item.question, _image_key(item.images[0]) if item.images else None)
+        entry = self._by_key.get(key)
+        if entry is None:
+            entry = self._by_key[key] = (item, puzzle_from_record(item))
+            self._by_question.setdefault(item.question, []).append(entry)
+        return entry
+
+    def __iter__(self):
+        """``(item, puzzle)`` of every puzzle, in the order they were added."""
+        return iter(list(self._by_key.values()))
+
+    def find(self, image, question: str) -> tuple[Any, Any]:
+        entry = self._by_key.get((question, _image_key(image)))
+        if entry is not None:
+            return entry
+        cands = self._by_question.get(question, [])
+        if len(cands) == 1:
+            return cands[0]
+        what = "unknown question" if not cands else f"{len(cands)} puzzles share this question and the image does not pick one"
+        raise KeyError(f"{self.owner}: {what}: {question[:80]!r}")
+
+
+def _render_steps(steps: Sequence, start: int = 0) -> str:
+    """``steps[start:]`` (``synthetic.Step``s) as ``format_solution`` writes them: a section header
+    before the first step of each section."""
+    parts = []
+    for j in range(start, len(steps)):
+        header = j == 0 or steps[j - 1].kind != steps[j].kind
+        name = VISUAL if steps[j].kind == PERCEPTION else REASON
+        parts.append(f"[{name}]\n{steps[j].text}" if header else steps[j].text)
+    return STEP_SEPARATOR.join(parts)
 
 
 class ScriptedPolicy:
@@ -220,43 +291,29 @@ class ScriptedPolicy:
     asked about; it finds a puzzle by (question, image bytes) or by question alone.
     ``solution_error_rate``: the share of ``sample_solutions`` outputs with one injected error
     (perception or reasoning, each half the time); ``step_error_rate``: the chance that a
-    ``sample_next_steps`` candidate after a correct prefix carries a new error. Sampling keyword
-    arguments other than ``seed`` are accepted and ignored.
+    ``sample_next_steps`` candidate after a correct prefix carries a new error (a continuation is
+    written step by step, so each of its steps has that chance until one goes wrong). Sampling
+    keyword arguments other than ``seed`` are accepted and ignored.
     """
 
     def __init__(self, records: Sequence, solution_error_rate: float = 0.5, step_error_rate: float = 0.5,
                  seed: int = 0):
-        from jaxprm.data import synthetic as syn
-
-        self._syn = syn
         self.solution_error_rate, self.step_error_rate = float(solution_error_rate), float(step_error_rate)
         self._rng = np.random.default_rng(seed)
-        self._puzzles: dict[tuple[str, str | None], Any] = {}
-        self._by_question: dict[str, list] = {}
-        self._known: dict[int, list[list[str]]] = {}  # id(puzzle) -> known solutions (step texts)
+        self._index = PuzzleIndex(records, owner="ScriptedPolicy")
+        self._known: dict[int, list[list]] = {}  # id(puzzle) -> known solutions (lists of Steps)
         self._correct: dict[int, list] = {}
-        for r in records:
-            p = puzzle_from_record(r)
-            self._puzzles[(r.question, _image_key(r.images[0]) if r.images else None)] = p
-            self._by_question.setdefault(r.question, []).append(p)
+        for _, p in self._index:
             self._correct[id(p)] = syn.solve(p)
-            self._known[id(p)] = [[s.text for s in self._correct[id(p)]]]
+            self._known[id(p)] = [self._correct[id(p)]]
 
     def _puzzle(self, image, question):
-        p = self._puzzles.get((question, _image_key(image)))
-        if p is not None:
-            return p
-        cands = self._by_question.get(question, [])
-        if len(cands) == 1:
-            return cands[0]
-        what = "unknown question" if not cands else f"{len(cands)} puzzles share this question and the image does not pick one"
-        raise KeyError(f"ScriptedPolicy: {what}: {question[:80]!r}")
+        return self._index.find(image, question)[1]
 
     def _rng_for(self, seed):
         return self._rng if seed is None else np.random.default_rng(int(seed))
 
     def _corrupted(self, p, rng, kind=None, step=None):
-        syn = self._syn
         kinds = [kind] if kind else list(rng.permutation(list(syn.ERROR_KINDS)))
         for k in kinds:
             try:
@@ -264,6 +321,11 @@ class ScriptedPolicy:
             except (syn.InjectionError, ValueError):
                 continue
         return None
+
+    def _remember(self, p, steps: list) -> None:
+        texts = [s.text for s in steps]
+        if all([s.text for s in known] != texts for known in self._known[id(p)]):
+            self._known[id(p)].append(steps)
 
     def sample_solutions(self, image, question: str, n: int, seed: int | None = None, **_) -> list[str]:
         p = self._puzzle(image, question)
@@ -273,38 +335,54 @@ class ScriptedPolicy:
             steps = self._correct[id(p)]
             if rng.random() < self.solution_error_rate:
                 steps = self._corrupted(p, rng) or steps
-            self._remember(p, [s.text for s in steps])
-            out.append(self._syn.format_solution(steps))
+            self._remember(p, steps)
+            out.append(syn.format_solution(steps))
         return out
 
-    def _remember(self, p, texts: list[str]) -> None:
-        if texts not in self._known[id(p)]:
-            self._known[id(p)].append(texts)
+    def _next_step(self, p, prefix: list[str], rng):
+        """The next step (a ``synthetic.Step``) after the step texts ``prefix``, or None at the end
+        (or after a prefix that no known solution starts with)."""
+        i = len(prefix)
+        correct = self._correct[id(p)]
+        if prefix == [s.text for s in correct[:i]]:
+            if i >= len(correct):
+                return None
+            if rng.random() < self.step_error_rate:
+                bad = self._corrupted(p, rng, kind=correct[i].kind, step=i)
+                if bad is not None:
+                    self._remember(p, bad)
+                    return bad[i]
+            return correct[i]
+        # a prefix with an error: continue a known solution that starts with it
+        match = next((s for s in self._known[id(p)] if [x.text for x in s[:i]] == prefix), None)
+        return match[i] if match is not None and i < len(match) else None
 
     def sample_next_steps(self, image, question: str, prefix_steps: Sequence[str], k: int, seed: int | None = None,
                           **_) -> list[str]:
         p = self._puzzle(image, question)
         rng = self._rng_for(seed)
         prefix = [clean_step(s) for s in prefix_steps]
-        i = len(prefix)
-        correct = [s.text for s in self._correct[id(p)]]
+        steps = [self._next_step(p, prefix, rng) for _ in range(k)]
+        return [s.text if s is not None else "" for s in steps]
+
+    def sample_continuations(self, image, question: str, prefix: str, n: int, seed: int | None = None,
+                             **_) -> list[str]:
+        """The rest of a solution after ``prefix`` (text in the task's format), written step by step
+        as ``sample_next_steps`` does, with section headers where a section starts."""
+        p = self._puzzle(image, question)
+        rng = self._rng_for(seed)
+        start = [clean_step(s) for s in split_steps(prefix)]
         out = []
-        for _ in range(k):
-            if prefix == correct[:i]:
-                if i >= len(correct):
-                    out.append("")
-                    continue
-                if rng.random() < self.step_error_rate:
-                    kind = self._correct[id(p)][i].kind
-                    bad = self._corrupted(p, rng, kind=kind, step=i)
-                    if bad is not None:
-                        texts = [s.text for s in bad]
-                        self._remember(p, texts)
-                        out.append(texts[i])
-                        continue
-                out.append(correct[i])
+        for _ in range(n):
+            texts, steps = list(start), []
+            while (s := self._next_step(p, texts, rng)) is not None:
+                texts.append(s.text)
+                steps.append(s)
+            if not steps:
+                out.append("")
                 continue
-            # a prefix with an error: continue a known solution that starts with it
-            match = next((s for s in self._known[id(p)] if s[:i] == prefix), None)
-            out.append(match[i] if match is not None and i < len(match) else "")
+            # the known solution these steps spell out (for the kinds of the steps before them)
+            full = next(s for s in self._known[id(p)] if [x.text for x in s] == texts)
+            sep = "" if not prefix.strip() or prefix.endswith(STEP_SEPARATOR) else STEP_SEPARATOR
+            out.append(sep + _render_steps(full, len(start)))
         return out

@@ -66,6 +66,15 @@ $\\boxed{{answer}}$
 {answer_hint}Write nothing outside these sections."""
 
 
+# ``continuation="user_prompt"`` (servers that cannot continue an assistant message): the partial
+# solution is quoted in the user turn after the rollout prompt, with this request
+ROLLOUT_CONTINUE_INSTRUCTION = (
+    "Here is the beginning of a solution in this format. Continue it from exactly where it stops, keeping the "
+    "same format and numbering, and finish with the <correct_answer> block. Write only the continuation.\n\n"
+    "{partial}"
+)
+
+
 def format_question(question: str, choices: Sequence[str] | None = None) -> str:
     """The question text, with lettered options appended when the question has ``choices``."""
     q = question.strip()
@@ -91,4 +100,4 @@ def build_rollout_prompt(
     )
 
 
-__all__ = ["ROLLOUT_PROMPT_TEMPLATE", "build_rollout_prompt", "format_question"]  # and the format names imported above
+__all__ = ["ROLLOUT_CONTINUE_INSTRUCTION", "ROLLOUT_PROMPT_TEMPLATE", "build_rollout_prompt", "format_question"]  # and the format names imported above

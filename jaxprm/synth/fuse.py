@@ -8,16 +8,13 @@ The step fields are filled (``Step.num_mc_correct/num_mc_total`` from ``rollout.
 * ``"judge"``  -- ``labels.judge_first_incorrect`` (``+`` before the judge's first error, ``-`` on
   it, later steps unsupervised by default);
 * ``"hybrid"`` -- ``labels.hybrid``: step-wise consensus, a step is supervised only where MC and
-  the judge agree (the judge's first error is ``-`` when its MC value is <= threshold too).
+  the judge agree (the judge's first error is ``-`` when its MC value is <= threshold too);
+* ``"vlprm_v2"`` -- ``labels.vlprm_v2``: the trace-level consensus filtering of the public VL-PRM
+  code (the judge's labels when it finds an error; all ``+`` when it accepts the trace and MC
+  agrees; the trace dropped otherwise).
 
-One more rule is provided here for comparison because it is what the public VL-PRM code does:
-
-* ``"vlprm_v2"`` -- trace-level consensus filtering of ``mc_consensus_filtering_v2_algo`` in
-  ``theogbrand/mmr_rollout_data`` (``convert_mc_to_prm_signal.py``): when the judge finds an
-  error the judge's labels are used whether MC agrees or not ("o4-mini_incorrect_and_MC_agrees_
-  and_disagrees"); when the judge accepts the trace it is kept (all ``+``) only if MC agrees
-  that every step is correct ("o4-mini_correct_and_MC_agrees") and dropped (all None)
-  otherwise ("o4-mini_correct_and_MC_disagrees"). (Their default MC threshold was 0.01.)
+The rules, their parameters' defaults (``DEFAULT_RULE_KW``) and their names (``RULES``) come from
+the one registry, ``jaxprm.data.labels.RULES``.
 
 Every record gets ``meta["labels_by_rule"]`` (the labels of every rule), ``meta["label_rules"]``
 (each rule's parameters), ``meta["consensus"]`` (the VL-PRM-style trace category) and, from
@@ -30,16 +27,12 @@ import dataclasses
 from typing import Any, Sequence
 
 from jaxprm.data import labels as L
-from jaxprm.data.schema import NEGATIVE, POSITIVE, Record, Step
+from jaxprm.data.labels import consensus_category, vlprm_v2_labels  # noqa: F401  (re-exported)
+from jaxprm.data.schema import Record, Step
 
-RULES = ("mc", "judge", "hybrid", "vlprm_v2")
+RULES = L.RULE_NAMES
 
-DEFAULT_RULE_KW: dict[str, dict[str, Any]] = {
-    "mc": {"threshold": 0.0, "after_error": "keep"},
-    "judge": {"after_error": "ignore"},
-    "hybrid": {"threshold": 0.0, "after_error": "ignore", "disagree": "neutral"},
-    "vlprm_v2": {"threshold": 0.0},
-}
+DEFAULT_RULE_KW: dict[str, dict[str, Any]] = {name: dict(rule.defaults) for name, rule in L.RULES.items()}
 
 
 def fill_steps(
@@ -57,55 +50,10 @@ def fill_steps(
     return out
 
 
-def _judge_error(steps: Sequence[Step]) -> int | None:
-    return next((i for i, s in enumerate(steps) if s.judge == NEGATIVE), None)
-
-
-def _judged(steps: Sequence[Step]) -> bool:
-    return any(s.judge is not None for s in steps)
-
-
-def _mc_first_error(steps: Sequence[Step], threshold: float) -> int | None:
-    return next((i for i, s in enumerate(steps) if s.mc_value is not None and s.mc_value <= threshold), None)
-
-
-def vlprm_v2_labels(steps: Sequence[Step], threshold: float = 0.0) -> list[int | None]:
-    n = len(steps)
-    if not _judged(steps):
-        return [None] * n
-    err = _judge_error(steps)
-    if err is not None:
-        return L.judge_first_incorrect_labels(steps, after_error="ignore")
-    if not any(s.mc_value is not None for s in steps):
-        return [None] * n
-    return [POSITIVE] * n if _mc_first_error(steps, threshold) is None else [None] * n
-
-
-def consensus_category(steps: Sequence[Step], threshold: float = 0.0) -> str:
-    """VL-PRM's trace categories: ``judge_correct_and_mc_agrees``, ``judge_correct_and_mc_disagrees``,
-    ``judge_incorrect_and_mc_agrees`` (MC's first step <= threshold is the judge's first error),
-    ``judge_incorrect_and_mc_disagrees``; ``no_judge`` / ``no_mc`` when a source is missing."""
-    if not _judged(steps):
-        return "no_judge"
-    if not any(s.mc_value is not None for s in steps):
-        return "no_mc"
-    err = _judge_error(steps)
-    mc_err = _mc_first_error(steps, threshold)
-    if err is None:
-        return "judge_correct_and_mc_agrees" if mc_err is None else "judge_correct_and_mc_disagrees"
-    return "judge_incorrect_and_mc_agrees" if mc_err == err else "judge_incorrect_and_mc_disagrees"
-
-
 def rule_labels(steps: Sequence[Step], rule: str, **kw) -> list[int | None]:
-    if rule == "mc":
-        return L.mc_threshold_labels(steps, **kw)
-    if rule == "judge":
-        return L.judge_first_incorrect_labels(steps, **kw)
-    if rule == "hybrid":
-        return L.hybrid_labels(steps, **kw)
-    if rule == "vlprm_v2":
-        return vlprm_v2_labels(steps, **kw)
-    raise ValueError(f"unknown rule {rule!r}; expected one of {RULES}")
+    if rule not in L.RULES:
+        raise ValueError(f"unknown rule {rule!r}; expected one of {RULES}")
+    return L.RULES[rule].labels(steps, **kw)
 
 
 def merged_rule_kw(overrides: dict | None = None) -> dict[str, dict[str, Any]]:
@@ -128,12 +76,7 @@ def fuse_record(record: Record, primary: str = "hybrid", rule_kw: dict | None = 
     meta["labels_by_rule"] = by_rule
     meta["label_rules"] = {r: {"name": r, **kw[r]} for r in RULES}
     meta["consensus"] = consensus_category(record.steps, threshold)
-    rec = dataclasses.replace(record, meta=meta)
-    if primary in L.LABEL_RULES:
-        return L.apply_label_rule(rec, primary, **kw[primary])
-    steps = [dataclasses.replace(s, label=lab) for s, lab in zip(rec.steps, by_rule[primary])]
-    meta["label_rule"] = {"name": primary, **kw[primary]}
-    return dataclasses.replace(rec, steps=steps, meta=meta)
+    return L.apply_label_rule(dataclasses.replace(record, meta=meta), primary, **kw[primary])
 
 
 __all__ = [

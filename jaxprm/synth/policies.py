@@ -1,7 +1,7 @@
-"""Rollout policies for label synthesis: one small protocol, an OpenAI-compatible adapter and a
-scripted puzzle solver.
+"""Rollout policies for label synthesis: the requests the pipeline makes, served by the one policy
+interface of ``jaxprm.search.policy``.
 
-The synthesiser needs exactly one operation from a policy::
+The synthesiser asks for batches of samples::
 
     policy.generate(requests: Sequence[GenRequest]) -> list[list[str]]
 
@@ -12,13 +12,17 @@ text that follows the prefix; returning a full restated solution is tolerated
 (``format.join_prefix``). Passing all the requests of one problem in one call lets a policy
 share work between them (one image encoding / prefix cache, one batch).
 
+``PolicyRollouts(policy)`` serves these requests with any ``jaxprm.search.policy.Policy``
+(``JaxPolicy``, ``OpenAIPolicy``, ``ScriptedPolicy``, built with ``instruction=None``): a request
+without prefix becomes ``policy.sample_solutions``, one with a prefix
+``policy.sample_continuations``, and the question goes in as the tagged rollout prompt
+(``format.build_rollout_prompt``) with the question's images. ``OpenAIRolloutPolicy`` is
+``PolicyRollouts`` over ``OpenAIPolicy`` with the synthesis settings; ``ScriptedPuzzlePolicy``
+(the noisy offline solver of the embedded task) implements ``Policy`` itself and serves requests
+the same way.
+
 ``usage_snapshot()`` returns cumulative ``{"prompt_tokens", "completion_tokens", "requests",
 "retries", "cost"}`` so the pipeline can attribute usage to questions.
-
-Unifying with ``jaxprm.search.policy`` later: its ``Policy.sample_solutions`` maps to a request
-without prefix and ``sample_next_steps`` / continuation sampling to one with a prefix, so an
-adapter ``SearchPolicyAdapter(policy)`` implementing ``generate`` on top of it is all that is
-needed (and ``OpenAIPolicy``/``JaxPolicy`` can then replace ``OpenAIRolloutPolicy``).
 """
 from __future__ import annotations
 
@@ -27,12 +31,13 @@ import dataclasses
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 
 from jaxprm.data.schema import PERCEPTION
-from jaxprm.data.solution import extract_boxed
+from jaxprm.data.solution import extract_boxed, join_steps, split_steps_with_kinds
+from jaxprm.search.policy import OpenAIPolicy, PuzzleIndex
 from jaxprm.synth import format as F
 from jaxprm.synth.questions import Question, stable_hash
 
@@ -73,104 +78,66 @@ def usage_delta(after: dict, before: dict) -> dict:
     return {k: after.get(k, 0) - before.get(k, 0) for k in _ZERO_USAGE}
 
 
-# ----------------------------------------------------------------------------- OpenAI-compatible
+# ----------------------------------------------------------------------------- any Policy
 
 
-PREFIX_MODES = ("continue_final_message", "assistant_message", "user_instruction")
+class PolicyRollouts:
+    """Synthesis requests served by a ``jaxprm.search.policy.Policy`` (see the module docstring).
 
-
-class OpenAIRolloutPolicy:
-    """A policy behind an OpenAI-compatible chat server (vLLM, SGLang, OpenAI, Azure).
-
-    Continuations: ``prefix_mode``
-      * ``"continue_final_message"`` (vLLM/SGLang): the prefix is sent as a final assistant
-        message with ``continue_final_message=True, add_generation_prompt=False`` so the model
-        continues it token for token;
-      * ``"assistant_message"``: the prefix as an assistant message, no extra fields (what the
-        VL-PRM rollout script does with Azure OpenAI);
-      * ``"user_instruction"``: the prefix is pasted into the user turn with an instruction to
-        continue it.
-    Each request asks for up to ``n_per_request`` choices (servers that only allow n=1: set 1);
-    requests run on ``max_workers`` threads.
+    Each request's ``n`` is split into parts of at most ``n_per_request`` (servers that only
+    allow n=1: set 1); parts run on ``max_workers`` threads (the policy must then be thread-safe;
+    1 runs them in order). ``send_seed``: each part carries a seed derived from (question id, tag,
+    prefix, part), so a rerun asks for the same samples.
     """
+
+    name = "policy"
 
     def __init__(
         self,
-        client,
-        name: str = "openai",
+        policy,
+        name: str | None = None,
+        *,
         max_steps: int = F.MAX_STEPS_PER_SECTION,
         prompt_template: str | None = None,
-        system_prompt: str | None = None,
-        temperature: float | None = 1.0,
-        top_p: float | None = None,
-        max_tokens: int | None = 4096,
         n_per_request: int | None = None,
-        max_workers: int = 8,
-        prefix_mode: str = "continue_final_message",
+        max_workers: int = 1,
         send_seed: bool = False,
-        extra: dict | None = None,
     ):
-        if prefix_mode not in PREFIX_MODES:
-            raise ValueError(f"prefix_mode must be one of {PREFIX_MODES}, got {prefix_mode!r}")
-        self.client = client
-        self.name = name
+        self.policy = self if policy is None else policy
+        if name is not None:
+            self.name = name
         self.max_steps = int(max_steps)
         self.prompt_template = prompt_template or None
-        self.system_prompt = system_prompt or None
-        self.temperature = temperature
-        self.top_p = top_p
-        self.max_tokens = max_tokens
         self.n_per_request = int(n_per_request) if n_per_request else None
         self.max_workers = max(1, int(max_workers))
-        self.prefix_mode = prefix_mode
         self.send_seed = bool(send_seed)
-        self.extra = dict(extra or {})
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def prompt(self, q: Question) -> str:
+        """What the policy is asked (its ``question`` argument): the tagged-format rollout prompt."""
+        return F.build_rollout_prompt(q.question, q.choices, self.max_steps, self.prompt_template)
+
+    def request_seed(self, req: GenRequest, part: int) -> int | None:
+        if not self.send_seed:
+            return None
+        return stable_hash("seed", req.question.id, req.tag, req.prefix or "", part) % (2**31)
 
     def usage_snapshot(self) -> dict:
-        return client_usage(self.client)
-
-    def messages(self, req: GenRequest) -> tuple[list[dict], dict]:
-        from jaxprm.search.openai_client import build_messages
-
-        q = req.question
-        prompt = F.build_rollout_prompt(q.question, q.choices, self.max_steps, self.prompt_template)
-        extra: dict[str, Any] = {}
-        if req.prefix is not None and self.prefix_mode == "user_instruction":
-            prompt += (
-                "\n\nHere is the beginning of a solution in this format. Continue it from exactly where it "
-                "stops, keeping the same format and numbering, and finish with the <correct_answer> block. "
-                "Write only the continuation.\n\n" + req.prefix
-            )
-        msgs = build_messages(q.images or None, prompt, self.system_prompt)
-        if req.prefix is not None and self.prefix_mode != "user_instruction":
-            msgs.append({"role": "assistant", "content": req.prefix})
-            if self.prefix_mode == "continue_final_message":
-                extra.update(continue_final_message=True, add_generation_prompt=False)
-        return msgs, extra
+        client = getattr(self.policy, "client", None)
+        return client_usage(client) if client is not None else dict(_ZERO_USAGE, requests=self.calls)
 
     def _run(self, req: GenRequest, n: int, part: int) -> list[str]:
-        msgs, extra = self.messages(req)
-        kw = dict(self.extra)
-        kw.update(extra)
-        out: list[str] = []
-        for round_ in range(n):  # bounded: each round returns >= 1 choice or raises
-            seed = None
-            if self.send_seed:
-                seed = stable_hash("seed", req.question.id, req.tag, req.prefix or "", part, round_) % (2**31)
-            got = self.client.chat(
-                msgs, temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens,
-                n=n - len(out), seed=seed, **kw,
-            )
-            if not got:
-                from jaxprm.search.openai_client import APIError
-
-                raise APIError("server returned no choices")
-            out.extend(got)
-            if len(out) >= n:
-                break
-        return out[:n]
+        q = req.question
+        seed = self.request_seed(req, part)
+        kw = {} if seed is None else {"seed": seed}
+        if req.prefix is None:
+            return list(self.policy.sample_solutions(q.images or None, self.prompt(q), n, **kw))
+        return list(self.policy.sample_continuations(q.images or None, self.prompt(q), req.prefix, n, **kw))
 
     def generate(self, requests: Sequence[GenRequest]) -> list[list[str]]:
+        with self._lock:
+            self.calls += len(requests)
         jobs = []  # (request index, part, n)
         for i, r in enumerate(requests):
             per = self.n_per_request or r.n
@@ -194,14 +161,71 @@ class OpenAIRolloutPolicy:
         return out
 
 
+# ----------------------------------------------------------------------------- OpenAI-compatible
+
+
+PREFIX_MODES = ("continue_final_message", "assistant_message", "user_instruction")
+_CONTINUATION = {"continue_final_message": "continue_final_message", "assistant_message": "assistant_message",
+                 "user_instruction": "user_prompt"}  # prefix_mode -> OpenAIPolicy's continuation
+
+
+class OpenAIRolloutPolicy(PolicyRollouts):
+    """``PolicyRollouts`` over ``OpenAIPolicy``: a policy behind an OpenAI-compatible chat server
+    (vLLM, SGLang, OpenAI, Azure).
+
+    Continuations: ``prefix_mode``
+      * ``"continue_final_message"`` (vLLM/SGLang): the prefix is sent as a final assistant
+        message with ``continue_final_message=True, add_generation_prompt=False`` so the model
+        continues it token for token;
+      * ``"assistant_message"``: the prefix as an assistant message, no extra fields (what the
+        VL-PRM rollout script does with Azure OpenAI);
+      * ``"user_instruction"``: the prefix is pasted into the user turn with an instruction to
+        continue it (``format.ROLLOUT_CONTINUE_INSTRUCTION``).
+    ``extra``: more request-body fields. Requests run on ``max_workers`` threads.
+    """
+
+    def __init__(
+        self,
+        client,
+        name: str = "openai",
+        max_steps: int = F.MAX_STEPS_PER_SECTION,
+        prompt_template: str | None = None,
+        system_prompt: str | None = None,
+        temperature: float | None = 1.0,
+        top_p: float | None = None,
+        max_tokens: int | None = 4096,
+        n_per_request: int | None = None,
+        max_workers: int = 8,
+        prefix_mode: str = "continue_final_message",
+        send_seed: bool = False,
+        extra: dict | None = None,
+    ):
+        if prefix_mode not in PREFIX_MODES:
+            raise ValueError(f"prefix_mode must be one of {PREFIX_MODES}, got {prefix_mode!r}")
+        policy = OpenAIPolicy(client, instruction=None, system_prompt=system_prompt or None,
+                              continuation=_CONTINUATION[prefix_mode],
+                              continue_instruction=F.ROLLOUT_CONTINUE_INSTRUCTION,
+                              temperature=temperature, top_p=top_p, max_tokens=max_tokens, **dict(extra or {}))
+        super().__init__(policy, name, max_steps=max_steps, prompt_template=prompt_template,
+                         n_per_request=n_per_request, max_workers=max_workers, send_seed=send_seed)
+        self.client = client
+        self.prefix_mode = prefix_mode
+
+    def messages(self, req: GenRequest) -> tuple[list[dict], dict]:
+        """(chat messages, extra request fields) of a request."""
+        q = req.question
+        return self.policy.messages(q.images or None, self.prompt(q), req.prefix or "", next_step=False)
+
+
 # ----------------------------------------------------------------------------- scripted puzzle solver
 
 
 MALFORM_KINDS = ("no_reasoning_header", "no_answer", "too_many_steps", "bad_tags")
 
 
-class ScriptedPuzzlePolicy:
-    """A noisy solver of the embedded puzzles (offline stand-in for a VLM policy).
+class ScriptedPuzzlePolicy(PolicyRollouts):
+    """A noisy solver of the embedded puzzles (offline stand-in for a VLM policy), in the tagged
+    step format.
 
     * Full solutions: correct with probability ``1 - error_rate``; otherwise one error is injected
       (``synthetic.inject_error``; a perception error with probability ``perception_share``) and
@@ -215,7 +239,11 @@ class ScriptedPuzzlePolicy:
     So the MC value of a step prefix drops after an error, with the two classic kinds of MC noise:
     erroneous steps with MC > 0 (recoveries) and, on hard questions, correct steps with MC = 0.
 
-    Deterministic: each request's samples depend only on ``(seed, question id, tag, prefix)``.
+    Requests (``generate``) carry their ``Question``; the ``Policy`` methods
+    (``sample_solutions``, ``sample_continuations``, ``sample_next_steps``: (image, question text))
+    find the puzzle among ``questions``. Deterministic: each request's samples depend only on
+    ``(seed, question id, tag, prefix)``; a ``Policy`` call's on its ``seed`` (or, without one, on
+    the calls before it).
     """
 
     name = "scripted"
@@ -232,12 +260,14 @@ class ScriptedPuzzlePolicy:
         variants: int = 3,
         seed: int = 0,
         cache_size: int = 256,
+        questions: Sequence[Question] = (),
     ):
         for k, v in dict(error_rate=error_rate, perception_share=perception_share, malformed_rate=malformed_rate,
                          slip_rate=slip_rate, recovery_rate=recovery_rate, hard_fraction=hard_fraction,
                          hard_slip_rate=hard_slip_rate).items():
             if not 0.0 <= float(v) <= 1.0:
                 raise ValueError(f"{k} must be in [0, 1], got {v}")
+        super().__init__(None)
         self.error_rate = float(error_rate)
         self.perception_share = float(perception_share)
         self.malformed_rate = float(malformed_rate)
@@ -249,12 +279,59 @@ class ScriptedPuzzlePolicy:
         self.seed = int(seed)
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._cache_size = int(cache_size)
-        self._lock = threading.Lock()
-        self.calls = 0
+        self._index = PuzzleIndex(questions, owner="ScriptedPuzzlePolicy")
+        self._rng = np.random.default_rng(self.seed)
 
-    def usage_snapshot(self) -> dict:
-        return dict(_ZERO_USAGE, requests=self.calls)
+    # -- requests ------------------------------------------------------------------------------------
+    def request_seed(self, req: GenRequest, part: int) -> int:
+        return stable_hash("policy", self.seed, req.question.id, req.tag, req.prefix or "")
 
+    def _run(self, req: GenRequest, n: int, part: int) -> list[str]:
+        rng = np.random.default_rng(self.request_seed(req, part))
+        if req.prefix is None:
+            return [self._solution(req.question, rng) for _ in range(n)]
+        flat = req.flat_prefix if req.flat_prefix is not None else F.parse_prefix(req.prefix)
+        return [self._continue(req.question, list(flat), rng) for _ in range(n)]
+
+    # -- the Policy interface --------------------------------------------------------------------------
+    def _question(self, image, question: str) -> Question:
+        return self._index.find(image, question)[0]
+
+    def _rng_for(self, seed) -> np.random.Generator:
+        return self._rng if seed is None else np.random.default_rng(int(seed))
+
+    def sample_solutions(self, image, question: str, n: int, seed: int | None = None, **_) -> list[str]:
+        q, rng = self._question(image, question), self._rng_for(seed)
+        return [self._solution(q, rng) for _ in range(n)]
+
+    def sample_continuations(self, image, question: str, prefix: str, n: int, seed: int | None = None,
+                             **_) -> list[str]:
+        q, rng = self._question(image, question), self._rng_for(seed)
+        flat = F.parse_prefix(prefix)
+        return [self._continue(q, flat, rng) for _ in range(n)]
+
+    def sample_next_steps(self, image, question: str, prefix_steps: Sequence[str], k: int, seed: int | None = None,
+                          **_) -> list[str]:
+        """Each candidate is the first step of a continuation, as this policy writes it: a
+        ``<step_j>`` block, under a section header where a section starts; ``""`` at the end."""
+        if isinstance(prefix_steps, str):
+            raise TypeError("prefix_steps must be a list of step strings")
+        q, rng = self._question(image, question), self._rng_for(seed)
+        flat = [(kind or PERCEPTION, text) for text, kind in split_steps_with_kinds(join_steps(prefix_steps))]
+        start = F.render_prefix(flat, len(flat)) if flat else ""
+        out = []
+        for _ in range(k):
+            text = self._continue(q, flat, rng) if flat else self._solution(q, rng)
+            full = [(kind or PERCEPTION, t) for t, kind in split_steps_with_kinds(F.join_prefix(start, text))]
+            if len(full) <= len(flat):
+                out.append("")
+            elif flat:
+                out.append(F.render_continuation(full[: len(flat) + 1], len(flat)).lstrip("\n"))
+            else:
+                out.append(F.render_prefix(full, 1))
+        return out
+
+    # -- the solver ----------------------------------------------------------------------------------
     def library(self, q: Question):
         from jaxprm.synth.puzzle import WrongSolutions
 
@@ -332,18 +409,6 @@ class ScriptedPuzzlePolicy:
             return F.render_continuation(lib.clean, k, lib.answer)
         return F.render_continuation(base, k, self._answer(base))
 
-    def generate(self, requests: Sequence[GenRequest]) -> list[list[str]]:
-        out = []
-        for r in requests:
-            with self._lock:
-                self.calls += 1
-            rng = np.random.default_rng(stable_hash("policy", self.seed, r.question.id, r.tag, r.prefix or ""))
-            if r.prefix is None:
-                out.append([self._solution(r.question, rng) for _ in range(r.n)])
-            else:
-                flat = r.flat_prefix if r.flat_prefix is not None else F.parse_prefix(r.prefix)
-                out.append([self._continue(r.question, list(flat), rng) for _ in range(r.n)])
-        return out
 
 
 __all__ = [
@@ -351,6 +416,7 @@ __all__ = [
     "MALFORM_KINDS",
     "OpenAIRolloutPolicy",
     "PREFIX_MODES",
+    "PolicyRollouts",
     "RolloutPolicy",
     "ScriptedPuzzlePolicy",
     "client_usage",

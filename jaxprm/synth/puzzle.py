@@ -26,23 +26,12 @@ def is_puzzle(meta: dict | None) -> bool:
     return bool(meta) and all(k in meta for k in ("scene", "question_type", "params", "grid", "image_size"))
 
 
-def puzzle_from_meta(meta: dict, question: str, answer: str) -> S.Puzzle:
-    return S.Puzzle(
-        shapes=[S.Shape(**d) for d in meta["scene"]],
-        grid=tuple(int(x) for x in meta["grid"]),
-        image_size=tuple(int(x) for x in meta["image_size"]),
-        question_type=meta["question_type"],
-        params=meta["params"],
-        question=question,
-        answer=str(answer),
-    )
-
-
 def puzzle_from_question(q) -> S.Puzzle:
-    """The ``Puzzle`` of a ``Question`` (or anything with ``meta``, ``question``, ``answer``)."""
+    """The ``Puzzle`` of a ``Question`` (``synthetic.puzzle_from_record``: anything with ``meta``,
+    ``question``, ``answer``)."""
     if not is_puzzle(q.meta):
         raise ValueError(f"question {getattr(q, 'id', '?')!r} is not an embedded puzzle (no scene in meta)")
-    return puzzle_from_meta(q.meta, q.question, q.answer)
+    return S.puzzle_from_record(q)
 
 
 def _key(meta: dict) -> str:
@@ -55,7 +44,7 @@ def _key(meta: dict) -> str:
 def _clean_flat(key: str, question: str, answer: str) -> tuple[tuple[str, str], ...]:
     import json
 
-    p = puzzle_from_meta(json.loads(key), question, answer)
+    p = S.puzzle_from_meta(json.loads(key), question, answer)
     return tuple((s.kind, s.text) for s in S.solve(p))
 
 
@@ -144,7 +133,6 @@ __all__ = [
     "ground_truth_first_error",
     "ground_truth_labels",
     "is_puzzle",
-    "puzzle_from_meta",
     "puzzle_from_question",
     "wrong_answer",
 ]

@@ -29,16 +29,10 @@ import os
 import sys
 from typing import Any, Iterable, Sequence
 
+from jaxprm.data.labels import RULE_NAMES as RULES
 from jaxprm.data.schema import NEGATIVE, PERCEPTION, Record
-
-RULES = ("mc", "judge", "hybrid", "vlprm_v2")
-
-
-def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
-    p = tp / (tp + fp) if tp + fp else 0.0
-    r = tp / (tp + fn) if tp + fn else 0.0
-    f = 2 * p * r / (p + r) if p + r else 0.0
-    return {"precision": p, "recall": r, "f1": f, "support": tp + fn}
+from jaxprm.reporting import format_table as _table
+from jaxprm.reporting import precision_recall_f1
 
 
 def _ground_truth(rec: Record) -> list[int] | None:
@@ -118,7 +112,7 @@ def evaluate(records: Iterable[Record], rules: Sequence[str] = RULES) -> dict[st
             "accuracy": a["correct"] / lab if lab else 0.0,
             "correct": a["correct"],
             "wrong": lab - a["correct"],
-            "neg": _prf(a["tp"], a["fp"], a["fn"]),
+            "neg": precision_recall_f1(a["tp"], a["fp"], a["fn"]),
             "recall_neg_all": a["tp"] / n_neg if n_neg else 0.0,
             "by_kind": {k: (v[0] / v[1] if v[1] else None) for k, v in a["kind"].items()},
             "first_error_match": a["first_match"] / a["traces"] if a["traces"] else 0.0,
@@ -142,10 +136,7 @@ def format_table(rep: dict[str, Any]) -> str:
             "-" if bk["reasoning"] is None else f"{bk['reasoning']:.3f}",
             f"{m['first_error_match']:.3f}",
         ))
-    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
-    lines = [head, "  ".join(c.rjust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
+    return head + "\n" + _table(cols, rows)
 
 
 def read_records_dir(paths: Sequence[str]) -> list[Record]:

@@ -1,10 +1,12 @@
-"""Label rules on hand-built steps: every branch of mc / judge / hybrid and the neutral options."""
+"""Label rules on hand-built steps: every branch of mc / judge / hybrid / vlprm_v2 and the neutral options."""
 import copy
 
 import pytest
 
 from jaxprm.data.labels import (
     LABEL_RULES,
+    RULE_NAMES,
+    RULES,
     apply_label_rule,
     hybrid,
     hybrid_labels,
@@ -12,6 +14,8 @@ from jaxprm.data.labels import (
     judge_first_incorrect_labels,
     mc_threshold,
     mc_threshold_labels,
+    vlprm_v2,
+    vlprm_v2_labels,
 )
 from jaxprm.data.schema import Record, Step
 
@@ -120,13 +124,32 @@ def test_rules_accept_step_lists():
 
 
 def test_registry_and_apply_by_name():
-    assert set(LABEL_RULES) == {"mc", "judge", "hybrid"}
+    assert set(LABEL_RULES) == set(RULES) == set(RULE_NAMES) == {"mc", "judge", "hybrid", "vlprm_v2"}
+    assert all(RULES[n].doc and RULES[n].apply is LABEL_RULES[n] for n in RULE_NAMES)
     r = rec([S(8, judge=1), S(0, judge=1)])
     assert apply_label_rule(r, "mc").labels == [1, 0]
     assert apply_label_rule(r, "judge").labels == [1, 1]
     assert apply_label_rule(r, "HYBRID", disagree="judge").labels == [1, 1]
-    with pytest.raises(ValueError, match=r"unknown label rule 'vote'.*\['hybrid', 'judge', 'mc'\]"):
+    with pytest.raises(ValueError, match=r"unknown label rule 'vote'.*\['hybrid', 'judge', 'mc', 'vlprm_v2'\]"):
         apply_label_rule(r, "vote")
+
+
+def test_vlprm_v2_is_a_registered_rule():
+    """vlprm_v2 lived only in synth/fuse.py, so training (``data.label_rule``) could not use it."""
+    judge_error = rec([S(8, judge=1), S(8, judge=0), S(0, judge=None)])  # judge finds an error at step 1
+    accepted_mc_agrees = rec([S(8, judge=1), S(2, judge=1)])
+    accepted_mc_disagrees = rec([S(8, judge=1), S(0, judge=1)])
+    not_judged = rec([S(8), S(8)])
+    out = apply_label_rule(judge_error, "vlprm_v2")
+    assert out.labels == [1, 0, None]  # the judge's labels, whether MC agrees or not
+    assert out.meta["label_rule"] == {"name": "vlprm_v2", "threshold": 0.0} and out.meta["keep"] == 1
+    assert apply_label_rule(accepted_mc_agrees, "VLPRM_V2").labels == [1, 1]
+    assert apply_label_rule(accepted_mc_disagrees, "vlprm_v2").labels == [None, None]  # trace dropped
+    assert vlprm_v2(accepted_mc_disagrees, threshold=-1.0).labels == [1, 1]
+    assert vlprm_v2_labels(not_judged.steps) == [None, None]
+    assert [s.label for s in vlprm_v2(accepted_mc_agrees.steps)] == [1, 1]  # step lists too
+    with pytest.raises(ValueError, match="threshold must be a number"):
+        vlprm_v2(accepted_mc_agrees, threshold="0.1")
 
 
 @pytest.mark.parametrize(

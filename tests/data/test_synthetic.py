@@ -268,3 +268,29 @@ def test_cli_rejects_bad_arguments(tmp_path):
     with pytest.raises(SystemExit):
         S.main(["--out", str(tmp_path / "r.jsonl"), "--question-types", "count,nope"])
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_puzzle_from_record_one_helper_for_records_and_questions():
+    """search's ``puzzle_from_record`` and synth's ``puzzle_from_meta`` differed: the first kept JSON
+    numbers as they came (a float grid) and an answer as it was (None, an int); the second made
+    ``str(None)`` = "None" the answer. One helper now: ints for the grid, the answer as text, "" for none."""
+    import dataclasses
+
+    from jaxprm.search.policy import puzzle_from_record as from_search
+    from jaxprm.synth.puzzle import puzzle_from_question
+    from jaxprm.synth.questions import synthetic_questions
+
+    (rec,) = S.generate_records(1, seed=4, error_rate=0.0)
+    p = S.puzzle_from_record(rec)
+    assert from_search is S.puzzle_from_record
+    assert S.solve(p) == [dataclasses.replace(s, label=POSITIVE) for s in rec.steps] and p.answer == rec.answer
+    meta = json.loads(json.dumps(rec.meta))
+    meta["grid"] = [float(x) for x in meta["grid"]]
+    odd = dataclasses.replace(rec, meta=meta, answer=None)
+    q = S.puzzle_from_record(odd)
+    assert q.grid == p.grid and all(isinstance(x, int) for x in q.grid) and q.answer == ""
+    assert S.puzzle_from_meta(rec.meta, rec.question, 3).answer == "3"
+    (question,) = synthetic_questions(1, seed=2)
+    assert puzzle_from_question(question) == S.puzzle_from_record(question)
+    with pytest.raises(ValueError, match=r"record 'x' is not a synthetic puzzle record \(meta lacks 'scene'\)"):
+        S.puzzle_from_record(dataclasses.replace(rec, id="x", meta={}))

@@ -120,6 +120,49 @@ def test_openai_policy_user_prompt_continuation(server):
         OpenAIPolicy(_client(server), continuation="prefill")
 
 
+def test_openai_policy_continuations_finish_the_answer(server):
+    """What label synthesis asks for (Monte-Carlo rollouts): the rest of the answer, not one step."""
+    pol = OpenAIPolicy(_client(server), instruction=None)
+    prefix = "[Visual Elements]\nA red circle.\n\n"
+    outs = pol.sample_continuations(None, "Q?", prefix, 2, seed=3)
+    # the texts as the server wrote them: not cut at a blank line, no header completed
+    assert outs == ["[Reasoning]", "Last.\n\nThis server ignores stop strings."] and len(server.bodies) == 1
+    req = server.bodies[-1]
+    assert req["messages"][-1] == {"role": "assistant", "content": prefix} and req["continue_final_message"] is True
+    assert "stop" not in req and "max_tokens" not in req and req["seed"] == 3 and req["n"] == 2
+    # the VL-PRM rollout script's mode: the prefix as an assistant message, no vLLM fields
+    OpenAIPolicy(_client(server), instruction=None, continuation="assistant_message").sample_continuations(
+        None, "Q?", prefix, 1)
+    req = server.bodies[-1]
+    assert req["messages"][-1] == {"role": "assistant", "content": prefix} and "continue_final_message" not in req
+    # servers that cannot continue a message: quoted in the user turn, asked to finish (not for one step)
+    OpenAIPolicy(_client(server), instruction=None, continuation="user_prompt",
+                 continue_instruction="Go on from:\n{partial}").sample_continuations(None, "Q?", prefix, 1)
+    (user,) = server.bodies[-1]["messages"]
+    assert user["content"][-1]["text"] == "Q?\n\nGo on from:\n[Visual Elements]\nA red circle."
+    with pytest.raises(TypeError, match="prefix"):
+        pol.sample_continuations(None, "Q?", ["a step"], 1)
+
+
+def test_top_up_requests_carry_new_seeds(server):
+    """Search's policy repeated the seed on top-up requests (a seeded server then repeats its samples);
+    synthesis's varied it. One top-up now, varying it."""
+    server.max_choices = 2
+    pol = OpenAIPolicy(_client(server))
+    pol.sample_solutions(None, "Q?", 5, seed=10)
+    assert [(r["n"], r["seed"]) for r in server.bodies] == [(5, 10), (3, 11), (1, 12)]
+    pol.sample_solutions(None, "Q?", 3)
+    assert all("seed" not in r for r in server.bodies[3:])
+
+
+def test_every_policy_has_the_one_interface(records):
+    from jaxprm.synth.policies import ScriptedPuzzlePolicy
+
+    for pol in (JaxPolicy(FakeSampler([])), OpenAIPolicy(object()), ScriptedPolicy(records),
+                ScriptedPuzzlePolicy()):
+        assert isinstance(pol, Policy), type(pol).__name__
+
+
 # ------------------------------------------------------------------------------------------------
 # ScriptedPolicy on synthetic puzzles
 # ------------------------------------------------------------------------------------------------
@@ -164,3 +207,28 @@ def test_scripted_next_steps_follow_their_prefix(records):
         prefix.append(step)
     assert prefix == truth and extract_final_answer(join_steps(prefix)) == rec.answer
     assert [clean_step(s) for s in prefix] == truth
+
+
+def test_scripted_continuations_complete_their_prefix(records):
+    rec = records[2]
+    truth = [s.text for s in rec.steps]
+    clean = ScriptedPolicy(records, step_error_rate=0.0)
+    full = syn.format_solution(rec.steps)
+    assert clean.sample_continuations(rec.images[0], rec.question, "", 2) == [full, full]
+    for i in range(1, len(truth)):
+        prefix = syn.format_solution(rec.steps[:i])
+        for sep in ("", "\n\n"):
+            (cont,) = clean.sample_continuations(rec.images[0], rec.question, prefix + sep, 1)
+            assert prefix + sep + cont == full, (i, sep)
+    assert clean.sample_continuations(rec.images[0], rec.question, full, 1) == [""]  # nothing left to write
+    # with errors: each continuation spells out a solution the policy knows, consistent with its prefix
+    noisy = ScriptedPolicy(records, step_error_rate=0.5, seed=1)
+    prefix = syn.format_solution(rec.steps[:1]) + "\n\n"
+    conts = noisy.sample_continuations(rec.images[0], rec.question, prefix, 12, seed=7)
+    assert conts == ScriptedPolicy(records, step_error_rate=0.5, seed=1).sample_continuations(
+        rec.images[0], rec.question, prefix, 12, seed=7)
+    answers = [extract_final_answer(prefix + c) for c in conts]
+    assert rec.answer in answers and any(a != rec.answer for a in answers)
+    for c in conts:
+        steps = split_steps(prefix + c)
+        assert steps[0] == truth[0] and len(steps) >= 2

@@ -148,3 +148,69 @@ def test_continuation_correctness_uses_gold_answer(questions):
     q = questions[0]
     assert continuation_correct("[Visual Elements]", f"<correct_answer>$\\boxed{{{q.answer}}}$</correct_answer>", q)
     assert not continuation_correct("[Visual Elements]", "no answer here", q)
+
+
+# ----------------------------------------------------------------------------- one policy interface
+
+
+class FakeSampler:
+    """Stands in for ``jaxprm.search.sampler.Sampler`` under a ``JaxPolicy``."""
+
+    def __init__(self, q):
+        self.q, self.calls = q, []
+
+    def generate(self, image, question, n=1, assistant_prefix="", stop=None, **kw):
+        self.calls.append({"image": image, "question": question, "n": n, "prefix": assistant_prefix, "stop": stop,
+                           "seed": kw.get("seed")})
+        if not assistant_prefix:
+            return [F.render_solution(["I see shapes."], ["So it is that."], self.q.answer)] * n
+        return ["\n<correct_answer>\n$\\boxed{" + str(self.q.answer) + "}$\n</correct_answer>"] * n
+
+
+def test_a_search_policy_serves_synthesis_requests(questions):
+    """The pipeline's requests go to any ``jaxprm.search.policy.Policy``: here the Flax sampler's."""
+    from jaxprm.search.policy import JaxPolicy
+    from jaxprm.synth.policies import PolicyRollouts
+
+    q = questions[0]
+    sampler = FakeSampler(q)
+    pol = PolicyRollouts(JaxPolicy(sampler, instruction=None), "jax", send_seed=True)
+    sols, st = sample_rollouts(pol, q, n=2)
+    assert len(sols) == 2 and st["rounds"] == 1
+    (first,) = sampler.calls
+    assert first["question"] == F.build_rollout_prompt(q.question, q.choices) and first["image"] == q.images
+    assert first["prefix"] == "" and first["stop"] is None and first["n"] == 2
+    counts, st = mc_counts(pol, q, sols[:1], num_continuations=3)
+    assert counts == [[(3, 3)] * sols[0].num_steps] and st["requests"] == sols[0].num_steps
+    cont = sampler.calls[1:]
+    assert [c["prefix"] for c in cont] == [F.render_prefix(sols[0].flat(), i + 1) for i in range(sols[0].num_steps)]
+    assert all(c["stop"] is None and c["n"] == 3 for c in cont)
+    assert len({c["seed"] for c in cont}) == len(cont)  # seeded by (question, tag, prefix)
+    assert pol.usage_snapshot()["requests"] == 1 + sols[0].num_steps and pol.name == "jax"
+
+
+def test_scripted_puzzle_policy_is_a_policy(questions):
+    from jaxprm.search.policy import Policy
+
+    exact = dict(error_rate=0.0, malformed_rate=0.0, slip_rate=0.0, recovery_rate=0.0)
+    pol = ScriptedPuzzlePolicy(questions=questions, **exact)
+    assert isinstance(pol, Policy)
+    q = questions[1]
+    truth = PZ.correct_flat(q)
+    (sol,) = pol.sample_solutions(q.images, q.question, 1)
+    assert F.parse_solution(sol).flat() == truth
+    # step by step, as guided search asks: each step in the tagged format, the solution rebuilt
+    steps = []
+    while (nxt := pol.sample_next_steps(q.images[0], q.question, steps, 2))[0]:
+        assert nxt[0] == nxt[1]
+        steps.append(nxt[0])
+    assert F.parse_prefix("\n".join(steps)) == truth and steps[0].startswith("[Visual Elements]\n<step_1>")
+    assert any(s.startswith("[Reasoning]\n<step_1>") for s in steps)
+    # continuations of a correct prefix reach the gold answer
+    prefix = F.render_prefix(truth, 2)
+    conts = pol.sample_continuations(q.images, q.question, prefix, 3, seed=1)
+    assert all(continuation_correct(prefix, c, q) for c in conts)
+    assert conts == ScriptedPuzzlePolicy(questions=questions, **exact).sample_continuations(
+        q.images, q.question, prefix, 3, seed=1)
+    with pytest.raises(KeyError, match="ScriptedPuzzlePolicy: unknown question"):
+        pol.sample_solutions(None, "What?", 1)

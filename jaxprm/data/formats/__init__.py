@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Callable, Iterable, Iterator
 
+from jaxprm.atomic import atomic_open
 from jaxprm.data.formats._common import ImportStats, RowError, resolve_label_rule, run_import
 from jaxprm.data.formats.benchmarks import BenchmarkFormatError, load_benchmark_jsonl
 from jaxprm.data.formats.visualprm400k import read_visualprm400k
@@ -62,33 +62,19 @@ def read_jsonl(
 
 
 def write_jsonl(records: Iterable[Record], path: str | os.PathLike) -> int:
-    """Validate and write records as JSON Lines, atomically: into a temporary file in the target
-    directory, fsync'd, then renamed over ``path``. On any error the target is left untouched.
-    Returns the number of records written."""
+    """Validate and write records as JSON Lines, atomically (``jaxprm.atomic``): on any error the
+    target is left untouched. Returns the number of records written."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for n, rec in enumerate(records, 1):
-                if not isinstance(rec, Record):
-                    raise RecordError(f"{path}: item {n - 1}: expected a Record, got {type(rec).__name__}")
-                try:
-                    rec.validate()
-                except RecordError as e:
-                    raise RecordError(f"{path}: item {n - 1}: {e}") from None
-                f.write(json.dumps(rec.to_dict(), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(path, "w") as f:
+        for n, rec in enumerate(records, 1):
+            if not isinstance(rec, Record):
+                raise RecordError(f"{path}: item {n - 1}: expected a Record, got {type(rec).__name__}")
+            try:
+                rec.validate()
+            except RecordError as e:
+                raise RecordError(f"{path}: item {n - 1}: {e}") from None
+            f.write(json.dumps(rec.to_dict(), ensure_ascii=False) + "\n")
     return n
 
 

@@ -3,7 +3,7 @@
 Imported lazily: ``jaxprm.models.qwen2_5_vl.rope`` (numpy only) is used in Grain workers, which
 should not pay for importing JAX/Flax.
 """
-import importlib
+from jaxprm._lazy import lazy_attributes
 
 _LAZY = {
     "Qwen25VLConfig": ".config", "TextConfig": ".config", "VisionConfig": ".config",
@@ -12,10 +12,4 @@ _LAZY = {
 }
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -18,6 +18,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from jaxprm.atomic import atomic_open, atomic_write_json
+
 from .config import Qwen25VLConfig
 
 # ------------------------------------------------------------------------------------------------
@@ -60,13 +62,11 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict 
     header["__metadata__"] = {"format": "pt", **(metadata or {})}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for v in arrays.values():
             f.write(v.tobytes())
-    os.replace(tmp, path)
 
 
 def read_checkpoint_tensors(hf_dir: str) -> dict[str, np.ndarray]:
@@ -267,5 +267,4 @@ def save_pretrained(model, out_dir: str, dtype=None) -> None:
     write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
     cfg = model.config.to_hf_dict()
     cfg["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
+    atomic_write_json(os.path.join(out_dir, "config.json"), cfg, indent=2)

@@ -24,9 +24,8 @@ from . import rope
 from .config import Qwen25VLConfig
 from .layers import ParamFactory
 from .text import TextModel
+from .rope import LAYOUT_KEYS
 from .vision import VisionTower
-
-LAYOUT_KEYS = ("window_index", "reverse_index", "window_segment_ids", "full_segment_ids", "rotary_positions")
 
 
 @dataclasses.dataclass

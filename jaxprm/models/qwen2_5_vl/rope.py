@@ -6,11 +6,17 @@ integer arrays. Each function mirrors the transformers 5.x function named in its
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
+
+# The vision tower's index arrays, in the order ``VisionTower.__call__`` takes them; a batch carries
+# each with a leading row axis (``jaxprm.data.pipeline``, ``jaxprm.scoring.device``).
+LAYOUT_KEYS = ("window_index", "reverse_index", "window_segment_ids", "full_segment_ids", "rotary_positions")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -81,13 +87,7 @@ class VisionLayout:
         return len(self.window_index)
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        return {
-            "window_index": self.window_index,
-            "reverse_index": self.reverse_index,
-            "window_segment_ids": self.window_segment_ids,
-            "full_segment_ids": self.full_segment_ids,
-            "rotary_positions": self.rotary_positions,
-        }
+        return {k: getattr(self, k) for k in LAYOUT_KEYS}
 
 
 def vision_layout(grid_thw, *, merge: int, window_size: int, patch_size: int, pad_to: int | None = None) -> VisionLayout:
@@ -99,17 +99,69 @@ def vision_layout(grid_thw, *, merge: int, window_size: int, patch_size: int, pa
     if total < n or total % unit:
         raise ValueError(f"pad_to={pad_to} must be >= {n} patches and a multiple of {unit}")
     widx, cu_win = vision_window_index(grid_thw, merge, window_size, patch_size)
-    m, mt = n // unit, total // unit
-    widx = np.concatenate([widx, np.arange(m, mt, dtype=np.int32)])
-    rev = np.argsort(widx).astype(np.int32)
-    win_seg = np.full(total, -1, np.int32)
-    win_seg[:n] = _segments(cu_win, n)
-    full_seg = np.full(total, -1, np.int32)
-    full_seg[:n] = _segments(vision_cu_seqlens(grid_thw), n)
-    pos = np.zeros((total, 2), np.int32)
-    pos[:n] = vision_rotary_positions(grid_thw, merge)
-    pos = pos.reshape(mt, unit, 2)[widx].reshape(total, 2)
-    return VisionLayout(widx, rev, win_seg, full_seg, pos, n)
+    pos = vision_rotary_positions(grid_thw, merge).reshape(n // unit, unit, 2)[widx].reshape(n, 2)
+    lay = pad_layout({"window_index": widx, "reverse_index": np.argsort(widx).astype(np.int32),
+                      "window_segment_ids": _segments(cu_win, n),
+                      "full_segment_ids": _segments(vision_cu_seqlens(grid_thw), n),
+                      "rotary_positions": pos}, total, merge)
+    return VisionLayout(**lay, num_patches=n)
+
+
+def pad_layout(layout: Mapping[str, np.ndarray], num_patches: int, merge: int) -> dict[str, np.ndarray]:
+    """Grow vision-layout arrays (``LAYOUT_KEYS``; any leading batch axes) to ``num_patches``
+    patches (int32). Padding patches form their own segment (-1) in both masks, sit at position
+    (0, 0) and keep the identity window order, so the tower's output for real patches is
+    unchanged and ``num_tokens`` drops the padding on the way out."""
+    unit = merge * merge
+    widx = np.asarray(layout["window_index"])
+    m, mt = widx.shape[-1], int(num_patches) // unit
+    n = m * unit
+    if num_patches % unit or mt < m:
+        raise ValueError(f"cannot pad a layout of {n} patches to {num_patches} (need >= {n}, a multiple of {unit})")
+    lead = widx.shape[:-1]
+    pad = [(0, 0)] * len(lead)
+    widx = np.concatenate([widx, np.broadcast_to(np.arange(m, mt, dtype=np.int32), (*lead, mt - m))], -1)
+    return {
+        "window_index": widx.astype(np.int32),
+        "reverse_index": (np.asarray(layout["reverse_index"]) if mt == m
+                          else np.argsort(widx, axis=-1)).astype(np.int32),
+        "window_segment_ids": np.pad(np.asarray(layout["window_segment_ids"], np.int32), [*pad, (0, mt * unit - n)],
+                                     constant_values=-1),
+        "full_segment_ids": np.pad(np.asarray(layout["full_segment_ids"], np.int32), [*pad, (0, mt * unit - n)],
+                                   constant_values=-1),
+        "rotary_positions": np.pad(np.asarray(layout["rotary_positions"], np.int32),
+                                   [*pad, (0, mt * unit - n), (0, 0)]),
+    }
+
+
+class VisionLayouts:
+    """``vision_layout`` with one vision tower's sizes, memoised by (grids, padded length), and
+    batched: ``batch(grids_per_row, pad_to)`` -> ``{key: (rows, ...) int32}`` for ``LAYOUT_KEYS``
+    (a row without images (``None`` or an empty grid) is all padding). Used by the training batch
+    assembler and by the scorer, so both feed the tower the same arrays."""
+
+    def __init__(self, vision_config, max_cached: int = 4096):
+        self.merge = int(vision_config.spatial_merge_size)
+        self.window_size, self.patch_size = int(vision_config.window_size), int(vision_config.patch_size)
+        self.max_cached = int(max_cached)
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+
+    def __call__(self, grid_thw, pad_to: int) -> dict[str, np.ndarray]:
+        """The layout (a dict of arrays; do not modify them) of the images ``grid_thw`` in ``pad_to`` patches."""
+        g = np.zeros((0, 3), np.int64) if grid_thw is None else np.asarray(grid_thw, np.int64).reshape(-1, 3)
+        key = (g.tobytes(), int(pad_to))
+        lay = self._cache.get(key)
+        if lay is None:
+            lay = vision_layout(g, merge=self.merge, window_size=self.window_size, patch_size=self.patch_size,
+                                pad_to=pad_to).as_dict()
+            self._cache[key] = lay
+            if len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
+        return lay
+
+    def batch(self, grids: Sequence, pad_to: int) -> dict[str, np.ndarray]:
+        lays = [self(g, pad_to) for g in grids]
+        return {k: np.stack([lay[k] for lay in lays]) for k in LAYOUT_KEYS}
 
 
 def _segments(cu: np.ndarray, n: int) -> np.ndarray:
