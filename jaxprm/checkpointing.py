@@ -22,7 +22,6 @@ so transformers can load the backbone and ``load_prm_model`` the whole PRM.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxprm.atomic import atomic_write_json
 from jaxprm.data.preprocess import ImageProcessor
 from jaxprm.models.prm import PRMModel, PRMSpec
 from jaxprm.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
@@ -46,8 +46,8 @@ def save_assets(directory: str, *, spec: PRMSpec, model_config: Qwen25VLConfig, 
                 image_processor: ImageProcessor) -> None:
     os.makedirs(directory, exist_ok=True)
     spec.save(directory)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump({**model_config.to_hf_dict(), "architectures": ["Qwen2_5_VLForConditionalGeneration"]}, f, indent=2)
+    atomic_write_json(os.path.join(directory, "config.json"),
+                      {**model_config.to_hf_dict(), "architectures": ["Qwen2_5_VLForConditionalGeneration"]}, indent=2)
     image_processor.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 

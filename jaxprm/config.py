@@ -20,11 +20,13 @@ from typing import Any, NoReturn, Sequence
 
 from ml_collections import ConfigDict
 
+from jaxprm.dtypes import FLOAT_NAMES
+
 # the training config's own vocabulary (jaxprm.train dispatches on these)
 INITS = ("hf", "random")  # model.init: weights from model.hf_dir | random init of model.preset
 SOURCES = ("synthetic", "records", "tfds")  # data.source
 TINY_PRESET = "tiny"  # the embedded task's model (jaxprm.data.synthetic.tiny_model_config)
-FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # model.dtype, model.param_dtype
+FLOAT_DTYPES = FLOAT_NAMES  # model.dtype, model.param_dtype
 STATE_DTYPES = ("float32", "bfloat16")  # optim.mu_dtype, train.grad_accum_dtype
 
 

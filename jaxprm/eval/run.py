@@ -495,17 +495,19 @@ def evaluate_synthetic(prm, n: int = 200, seed: int = SYNTHETIC_EVAL_SEED, *, er
 
 
 def evaluate_synthetic_search(prm, records, *, n_candidates: int = 16, policy_error_rate: float = 0.7,
-                              step_error_rate: float = 0.2, guided_k: int = 8, seed: int = 0,
+                              step_error_rate: float = 0.2, perception_error_share: float | None = None,
+                              guided_k: int = 8, seed: int = 0,
                               aggregations: Sequence[str] = ("mean", "min", "last"), progress: bool = False) -> dict:
     """Test-time scaling on embedded puzzles with a noisy scripted policy (``ScriptedPolicy``): answer
     accuracy vs N for best-of-N under each aggregation, majority vote, the pass@N oracle, and guided
     greedy step search with ``guided_k`` candidate next steps per iteration. ``policy_error_rate`` is
     the share of sampled whole solutions with an error; ``step_error_rate`` the chance that one
-    candidate next step brings an error."""
+    candidate next step brings an error; ``perception_error_share`` which kinds of error the policy
+    makes (``ScriptedPolicy``; the CLI passes the PRM's task setting)."""
     from jaxprm.search import ScriptedPolicy, guided_greedy_search
 
     policy = ScriptedPolicy(records, solution_error_rate=policy_error_rate, step_error_rate=step_error_rate,
-                            seed=seed)
+                            perception_error_share=perception_error_share, seed=seed)
     problems = [{"id": r.id, "images": list(r.images), "question": r.question, "answer": r.answer}
                 for r in records]
     cands = {p["id"]: policy.sample_solutions(p["images"][0], p["question"], n_candidates, seed=seed + i)
@@ -551,6 +553,7 @@ def cmd_synthetic(args, prm=None) -> dict:
         res["search"] = evaluate_synthetic_search(prm, recs, n_candidates=args.search,
                                                   policy_error_rate=args.policy_error_rate,
                                                   step_error_rate=args.step_error_rate, guided_k=args.guided_k,
+                                                  perception_error_share=res["task"]["perception_error_share"],
                                                   seed=args.seed, progress=not args.no_progress)
         print(f"test-time scaling on {len(recs)} fresh puzzles, policy error rate {args.policy_error_rate}:")
         print(_bon_table(res["search"]))

@@ -294,11 +294,18 @@ class ScriptedPolicy:
     ``sample_next_steps`` candidate after a correct prefix carries a new error (a continuation is
     written step by step, so each of its steps has that chance until one goes wrong). Sampling
     keyword arguments other than ``seed`` are accepted and ignored.
+    ``perception_error_share`` (None: the half-and-half above): the share of whole-solution errors
+    that are perception errors, as in ``synthetic.generate_records``; 0 (1) also keeps perception
+    (reasoning) steps of ``sample_next_steps`` free of errors -- a policy that makes the errors of
+    the task a PRM was trained on (``PRMSpec.task``).
     """
 
     def __init__(self, records: Sequence, solution_error_rate: float = 0.5, step_error_rate: float = 0.5,
-                 seed: int = 0):
+                 seed: int = 0, perception_error_share: float | None = None):
         self.solution_error_rate, self.step_error_rate = float(solution_error_rate), float(step_error_rate)
+        if perception_error_share is not None and not 0.0 <= perception_error_share <= 1.0:
+            raise ValueError(f"perception_error_share must be in [0, 1], got {perception_error_share}")
+        self.perception_error_share = perception_error_share
         self._rng = np.random.default_rng(seed)
         self._index = PuzzleIndex(records, owner="ScriptedPolicy")
         self._known: dict[int, list[list]] = {}  # id(puzzle) -> known solutions (lists of Steps)
@@ -334,10 +341,21 @@ class ScriptedPolicy:
         for _ in range(n):
             steps = self._correct[id(p)]
             if rng.random() < self.solution_error_rate:
-                steps = self._corrupted(p, rng) or steps
+                steps = self._corrupted(p, rng, kind=self._error_kind(rng)) or steps
             self._remember(p, steps)
             out.append(syn.format_solution(steps))
         return out
+
+    def _error_kind(self, rng) -> str | None:
+        """The kind of a whole-solution error (None: either, tried in random order)."""
+        share = self.perception_error_share
+        if share is None:
+            return None
+        return syn.PERCEPTION if rng.random() < share else syn.REASONING
+
+    def _may_err(self, kind: str) -> bool:
+        share = self.perception_error_share
+        return share is None or (share > 0 if kind == syn.PERCEPTION else share < 1)
 
     def _next_step(self, p, prefix: list[str], rng):
         """The next step (a ``synthetic.Step``) after the step texts ``prefix``, or None at the end
@@ -347,7 +365,7 @@ class ScriptedPolicy:
         if prefix == [s.text for s in correct[:i]]:
             if i >= len(correct):
                 return None
-            if rng.random() < self.step_error_rate:
+            if self._may_err(correct[i].kind) and rng.random() < self.step_error_rate:
                 bad = self._corrupted(p, rng, kind=correct[i].kind, step=i)
                 if bad is not None:
                     self._remember(p, bad)

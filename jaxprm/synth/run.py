@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from ml_collections import ConfigDict
 
+from jaxprm.atomic import atomic_write_text
 from jaxprm.data.answers import is_correct
 from jaxprm.data.schema import Record
 from jaxprm.synth import fuse as FU
@@ -272,46 +272,6 @@ class Synthesizer:
 # ----------------------------------------------------------------------------- durable output
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def _atomic_write(path: str, data: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual mode
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(d)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _complete_lines(path: str) -> tuple[list[str], bool]:
     """The complete (newline-terminated) lines of ``path`` and whether a partial tail was found;
     the partial tail is truncated away."""
@@ -373,7 +333,7 @@ class ShardStore:
                 f"(e.g. {bad[:3]}); the output directory is inconsistent"
             )
         if dropped:
-            _atomic_write(self.records_path, "".join(ln + "\n" for ln in keep))
+            atomic_write_text(self.records_path, "".join(ln + "\n" for ln in keep))
         self.recovery = {
             "done_partial_line": int(done_partial),
             "records_partial_line": int(rec_partial),
@@ -458,7 +418,7 @@ def run(
         if old != cfg_json and done:
             print(f"warning: {store.config_path} differs from the current config; resuming with the current one",
                   file=sys.stderr)
-    _atomic_write(store.config_path, cfg_json)
+    atomic_write_text(store.config_path, cfg_json)
     shard_ids = {q.id for q in questions}
     todo = [q for q in questions if q.id not in done]
     failures: list[dict] = []
@@ -520,7 +480,7 @@ def run(
                 stats["report"] = evaluate(store.read_records())
             except Exception as e:  # noqa: BLE001 - the report must not mask the run's outcome
                 stats["report_error"] = f"{type(e).__name__}: {e}"
-        _atomic_write(store.stats_path, json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(store.stats_path, json.dumps(stats, indent=2, sort_keys=True) + "\n")
     return stats
 
 

@@ -232,3 +232,27 @@ def test_scripted_continuations_complete_their_prefix(records):
     for c in conts:
         steps = split_steps(prefix + c)
         assert steps[0] == truth[0] and len(steps) >= 2
+
+
+def test_scripted_policy_makes_the_errors_of_its_task():
+    """perception_error_share=0: every wrong solution and every wrong candidate step is a reasoning
+    error (the policy the tiny default's PRM is evaluated with); 1: only perception errors."""
+    from jaxprm.data import synthetic as syn
+    from jaxprm.data.solution import split_steps
+    from jaxprm.search import ScriptedPolicy
+
+    recs = syn.generate_records(6, seed=2, image_size=(56, 56), question_types=("sum", "compare"))
+    for share, allowed in ((0.0, {syn.REASONING}), (1.0, {syn.PERCEPTION})):
+        pol = ScriptedPolicy(recs, solution_error_rate=1.0, step_error_rate=1.0, perception_error_share=share, seed=0)
+        kinds = set()
+        for r in recs:
+            good = syn.solve(syn.puzzle_from_record(r))
+            for sol in pol.sample_solutions(r.images[0], r.question, 8, seed=1):
+                steps = split_steps(sol)
+                first = next(i for i, (a, b) in enumerate(zip(steps, good)) if a != b.text)
+                kinds.add(good[first].kind)
+            for i, step in enumerate(good):
+                cands = pol.sample_next_steps(r.images[0], r.question, [s.text for s in good[:i]], 4)
+                if step.kind not in allowed:
+                    assert cands == [step.text] * 4
+        assert kinds == allowed
