@@ -54,7 +54,10 @@ class Record:
         return [s.label for s in self.steps]
 
     def validate(self) -> "Record":
-        """Raise ``RecordError`` naming the record and field on the first problem; return self."""
+        """Raise ``RecordError`` naming the record and field on the first problem; return self.
+        Step ``label`` / ``judge`` given as the floats ``1.0`` / ``0.0`` are replaced by the ints
+        ``1`` / ``0`` here (every other float, e.g. ``0.5``, is an error), so what passes this check
+        is what the pipeline trains on."""
         rid = self.id if isinstance(self.id, str) and self.id else "<no id>"
 
         def fail(field: str, msg: str):
@@ -91,8 +94,10 @@ class Record:
                 fail(f"{where}.num_mc_correct", f"{s.num_mc_correct} > num_mc_total {s.num_mc_total}")
             for name in ("judge", "label"):
                 v = getattr(s, name)
-                if v not in (None, 0, 1) or isinstance(v, bool):
-                    fail(f"{where}.{name}", f"must be 1, 0 or None, got {v!r}")
+                if isinstance(v, float) and v in (0.0, 1.0):  # the one rule: 1.0 / 0.0 are the ints 1 / 0
+                    setattr(s, name, int(v))
+                elif v not in (None, 0, 1) or not isinstance(v, (int, type(None))) or isinstance(v, bool):
+                    fail(f"{where}.{name}", f"must be 1, 0 (1.0 / 0.0 are read as 1 / 0) or None, got {v!r}")
         if not isinstance(self.meta, dict):
             fail("meta", "must be a dict")
         return self

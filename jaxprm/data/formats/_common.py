@@ -71,10 +71,16 @@ def _iter_jsonl(p: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_json(p: Path) -> Iterator[tuple[str, Any]]:
-    with open(p, encoding="utf-8") as f:
-        text = f.read()
-    if not text.lstrip().startswith("["):  # JSON Lines stored with a .json name
+    with open(p, "rb") as f:
+        data = f.read()
+    if not data.lstrip().startswith(b"["):  # JSON Lines stored with a .json name (decoded line by line)
         yield from _iter_jsonl(p)
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:  # one bad record (the array cannot be read), counted in skip mode
+        where = f"{p}:{data[:e.start].count(10) + 1}"  # 10 = b"\n"
+        yield where, RowError(f"{where}: not UTF-8: byte {data[e.start:e.start + 1]!r}")
         return
     try:
         rows = json.loads(text)
