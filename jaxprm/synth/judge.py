@@ -15,7 +15,9 @@ answer (optional, ``include_answer``; VL-PRM's judge did not see it) and asks fo
 line ``{"section": "Visual Elements" | "Reasoning" | null, "index": k | null}`` (zero-based
 within the section; nulls = no error). ``parse_judge_output`` accepts that JSON (also with
 ``"step"`` = the 1-based tag number, a ``"first_incorrect_step"`` wrapper, or "no error"), and
-VL-PRM's analysis/conclusion format. Unparseable or out-of-range answers are re-asked up to
+VL-PRM's analysis/conclusion format. Parsing takes linear time: outputs over
+``MAX_JUDGE_OUTPUT_CHARS`` and JSON nested deeper than a verdict are parse failures, never a
+``RecursionError``. Unparseable or out-of-range answers are re-asked up to
 ``max_attempts`` times; HTTP retries and backoff (the ``openai`` package's), rate limiting and the
 cost counter come from ``OpenAIChatClient``.
 
@@ -195,38 +197,77 @@ def _from_obj(d: Any) -> tuple[str | None, int | None]:
     raise JudgeParseError(f"a section without an index: {d!r}")
 
 
+MAX_JUDGE_OUTPUT_CHARS = 200_000  # longer judge outputs are a parse failure, not parsed
+_MAX_VERDICT_HEIGHT = 3  # a verdict object nests at most this deep (a wrapper around {section, index})
+
+
 def _json_objects(text: str) -> list[Any]:
-    dec = json.JSONDecoder()
+    """The JSON objects in ``text`` nested at most ``_MAX_VERDICT_HEIGHT`` deep, by start position.
+
+    One pass matches braces (braces in strings are not special, as they rarely are in a verdict);
+    only balanced ``{...}`` spans of small height are decoded. Spans of one height are disjoint, so
+    the decoding reads each character at most ``_MAX_VERDICT_HEIGHT`` times: linear time, and no
+    recursion deeper than the height."""
+    stack: list[list[int]] = []  # [start, height of the tallest child]
+    spans: list[tuple[int, int]] = []
+    for m in re.finditer(r"[{}]", text):
+        if m.group() == "{":
+            stack.append([m.start(), 0])
+        elif stack:
+            start, child = stack.pop()
+            height = child + 1
+            if stack and stack[-1][1] < height:
+                stack[-1][1] = height
+            if height <= _MAX_VERDICT_HEIGHT:
+                spans.append((start, m.end()))
     out = []
-    for m in re.finditer(r"\{", text):
+    for start, end in sorted(spans):
         try:
-            obj, _ = dec.raw_decode(text, m.start())
-        except ValueError:
+            out.append(json.loads(text[start:end]))
+        except (ValueError, RecursionError):
             continue
-        out.append(obj)
     return out
 
 
-_CONCLUSION_RE = re.compile(r"<conclusion>(.*?)</conclusion>", re.DOTALL | re.IGNORECASE)
-_ANALYSIS_RE = re.compile(r"<analysis_(\d+)>.*?</analysis_\d+>", re.DOTALL)
+_CONCLUSION_OPEN_RE = re.compile(r"<conclusion>", re.IGNORECASE)
+_CONCLUSION_CLOSE_RE = re.compile(r"</conclusion>", re.IGNORECASE)
+_ANALYSIS_OPEN_RE = re.compile(r"<analysis_(\d+)>")
+_ANALYSIS_CLOSE_RE = re.compile(r"</analysis_\d+>")
+
+
+def _analysis_numbers(seg: str) -> list[int]:
+    """k of each complete ``<analysis_k>...</analysis_j>`` block, in order (linear time: once an
+    opening tag has no closing tag after it, no later one has)."""
+    out, pos = [], 0
+    while True:
+        m = _ANALYSIS_OPEN_RE.search(seg, pos)
+        if not m:
+            return out
+        close = _ANALYSIS_CLOSE_RE.search(seg, m.end())
+        if not close:
+            return out
+        out.append(int(m.group(1)))
+        pos = close.end()
 
 
 def _from_vlprm_tags(text: str) -> tuple[str | None, int | None] | None:
-    m = _CONCLUSION_RE.search(text)
-    if not m:
+    m = _CONCLUSION_OPEN_RE.search(text)
+    close = _CONCLUSION_CLOSE_RE.search(text, m.end()) if m else None
+    if not close:
         return None
-    concl = m.group(1).strip().lower().strip(".")
+    concl_text = text[m.end() : close.start()]
+    concl = concl_text.strip().lower().strip(".")
     if concl == "correct":
         return None, None
     if concl != "incorrect":
-        raise JudgeParseError(f"conclusion must be Correct or Incorrect, got {m.group(1).strip()!r}")
+        raise JudgeParseError(f"conclusion must be Correct or Incorrect, got {concl_text.strip()[:200]!r}")
     body = text[: m.start()]
     last = None
     heads = list(SECTION_HEADER_RE.finditer(body))
     for h, nxt in zip(heads, heads[1:] + [None]):
         seg = body[h.end() : nxt.start() if nxt else len(body)]
-        for a in _ANALYSIS_RE.finditer(seg):
-            last = (_norm_section(h.group(1)), int(a.group(1)) - 1)
+        for k in _analysis_numbers(seg):
+            last = (_norm_section(h.group(1)), k - 1)
     if last is None:
         raise JudgeParseError("conclusion Incorrect but no <analysis_k> block under a section heading")
     return last
@@ -236,6 +277,10 @@ def parse_judge_output(text: str, n_perc: int, n_reas: int) -> tuple[str | None,
     """``(section, index, flat_index)`` of the first incorrect step, ``(None, None, None)`` for no
     error; raises ``JudgeParseError`` when there is no usable verdict."""
     text = text or ""
+    if not isinstance(text, str):
+        raise JudgeParseError(f"judge output must be text, got {type(text).__name__}")
+    if len(text) > MAX_JUDGE_OUTPUT_CHARS:
+        raise JudgeParseError(f"judge output has {len(text)} characters, more than {MAX_JUDGE_OUTPUT_CHARS}")
     found = None
     for obj in reversed(_json_objects(text)):
         if isinstance(obj, dict) and _VERDICT_KEYS & set(obj):
@@ -376,6 +421,7 @@ class ScriptedJudge:
 __all__ = [
     "JUDGE_PROMPT_TEMPLATE",
     "JudgeParseError",
+    "MAX_JUDGE_OUTPUT_CHARS",
     "JudgeVerdict",
     "ScriptedJudge",
     "VLMJudge",

@@ -147,3 +147,31 @@ def test_scripted_judge_error_rate_matches_noise():
             total += 1
             wrong += j.first_error(q, steps) != err
     assert 0.15 < wrong / total < 0.45
+
+
+@pytest.mark.parametrize("text", [
+    "[" * 100_000 + "1" + "]" * 100_000,  # deep arrays: RecursionError in json before
+    '{"a":' * 50_000 + "1" + "}" * 50_000,  # deep objects
+    "{" * 199_000,  # long run of "{": quadratic before (200k braces: 73 s)
+    '{"section": "Reasoning", "index": 0}' + "x" * 200_001,  # over the length bound
+    "<conclusion>" * 16_000 + "x" * 4000,  # unclosed tags: quadratic with a lazy regex
+    "[Reasoning]\n" + "<analysis_1>" * 16_000 + "<conclusion>Incorrect</conclusion>",
+])
+def test_parse_judge_output_hostile_is_fast_parse_error(text):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(JudgeParseError):
+        parse_judge_output(text, 3, 2)
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_parse_judge_output_verdict_after_deep_nesting_and_braces():
+    text = "[" * 5000 + " {{{ {" * 3000 + '\n{"section": "Reasoning", "index": 1}'
+    assert parse_judge_output(text, 3, 2) == ("Reasoning", 1, 4)
+
+
+def test_vlm_judge_counts_hostile_output_as_parse_failure():
+    client = FakeClient(['{"a":' * 100_000, '{"section": null, "index": null}'])
+    v = VLMJudge(client, max_attempts=2).judge(synthetic_questions(1)[0], _steps())
+    assert v.ok and v.first_error is None and v.parse_failures == 1 and v.attempts == 2
