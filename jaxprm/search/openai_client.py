@@ -18,13 +18,23 @@ Retries, backoff and timeouts are the ``openai`` package's:
   data each give up after ``timeout`` seconds. A completion that is not streamed arrives in one
   piece once generation ends, so an attempt ends with the answer or after about ``timeout`` s.
 
-Worst-case time of one request when every attempt times out::
+Deadlines and size: openai's timeout alone does not bound an attempt (a server trickling one
+byte every 0.5 s never trips a per-read timeout), so this client also enforces, on every socket
+read and write (headers, body, connect):
+- a per-attempt wall-clock limit of ``timeout`` seconds (the attempt is retried like a timeout);
+- one overall ``deadline`` per request (default 600 s) over all attempts, raised as
+  ``APIConnectionError`` without further retries;
+- ``max_response_bytes`` (default 32 MiB) per attempt: a larger response is an ``APIError``.
+A 200 response that is not a chat completion (not UTF-8, not JSON, nested too deep, no
+``choices`` list, a choice without text) is an ``APIError`` naming what was wrong.
 
-    (max_retries + 1) * timeout + sum(min(0.5 * 2**k, 8) for k in range(max_retries))
+Worst-case time of one request::
 
-plus up to the server's ``Retry-After`` (<= 120 s) per retry instead of the backoff term, plus any
-wait for the rate limiter. With the defaults here (``timeout=120``, ``max_retries=5``) that is
-6 * 120 + 15.5 = 735.5 s (at most 6 * 120 + 5 * 120 = 1320 s when the server asks for long waits).
+    min(deadline, (max_retries + 1) * timeout + backoff) + one retry wait (<= 8 s, or the server's
+    Retry-After, <= 120 s) + the rate limiter's wait
+
+With the defaults here (``timeout=120``, ``max_retries=5``, ``deadline=600``) that is at most
+600 + 120 = 720 s, and 600 + 8 = 608 s unless the server asks for long waits.
 
 The rate limiter spaces the starts of all attempts (retries included) at least
 ``1 / max_requests_per_second`` apart. ``usage`` sums ``prompt_tokens`` / ``completion_tokens`` over
@@ -34,6 +44,7 @@ with an optional price per 1k tokens. The client is thread-safe: threads may sha
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import http.client
 import io
@@ -44,6 +55,7 @@ import time
 import urllib.parse
 from typing import Any, Callable, Sequence
 
+import httpcore2
 import openai
 
 __all__ = [
@@ -252,6 +264,134 @@ def _error_message(body: str, status: int) -> str:
     return json.dumps(obj)[:2000]
 
 
+class _LimitExceeded(openai.OpenAIError):
+    """Raised inside the transport; openai passes its own errors through without retrying."""
+
+
+class _Limits(threading.local):
+    attempt_end: float | None = None
+    request_end: float | None = None
+    received: int = 0
+    max_bytes: int | None = None
+
+
+def _remaining(limits: _Limits, timeout: float | None, kind) -> float | None:
+    """``timeout`` clipped to the attempt's and the request's deadlines; raises past either."""
+    now = time.monotonic()
+    if limits.request_end is not None and now >= limits.request_end:
+        raise _LimitExceeded("request deadline exceeded")
+    ends = [e for e in (limits.attempt_end, limits.request_end) if e is not None]
+    if not ends:
+        return timeout
+    left = min(ends) - now
+    if left <= 0:
+        raise kind("attempt took longer than its timeout")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore2.NetworkStream):
+    def __init__(self, inner, limits: _Limits):
+        self._inner, self._limits = inner, limits
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        data = self._inner.read(max_bytes, _remaining(self._limits, timeout, httpcore2.ReadTimeout))
+        lim = self._limits
+        lim.received += len(data)
+        if lim.max_bytes is not None and lim.received > lim.max_bytes:
+            raise _LimitExceeded(f"response larger than max_response_bytes={lim.max_bytes}")
+        return data
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _remaining(self._limits, timeout, httpcore2.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+        inner = self._inner.start_tls(ssl_context, server_hostname,
+                                      _remaining(self._limits, timeout, httpcore2.ConnectTimeout))
+        return _DeadlineStream(inner, self._limits)
+
+    def get_extra_info(self, info: str):
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore2.NetworkBackend):
+    def __init__(self, inner, limits: _Limits):
+        self._inner, self._limits = inner, limits
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        t = _remaining(self._limits, timeout, httpcore2.ConnectTimeout)
+        return _DeadlineStream(self._inner.connect_tcp(host, port, t, local_address, socket_options), self._limits)
+
+    def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        t = _remaining(self._limits, timeout, httpcore2.ConnectTimeout)
+        return _DeadlineStream(self._inner.connect_unix_socket(path, t, socket_options), self._limits)
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def _install_limits(http_client, limits: _Limits) -> int:
+    """Wrap the network backend of every connection pool of ``http_client``; returns how many."""
+    transports = [getattr(http_client, "_transport", None)]
+    transports += list(getattr(http_client, "_mounts", {}).values())
+    n = 0
+    for t in transports:
+        pool = getattr(t, "_pool", None)
+        if pool is not None and hasattr(pool, "_network_backend"):
+            pool._network_backend = _DeadlineBackend(pool._network_backend, limits)
+            n += 1
+    return n
+
+
+def _check_completion(raw: bytes, url: str) -> None:
+    """Raise ``APIError`` naming what is wrong when a 200 body is not a usable chat completion."""
+    def bad(what: str) -> APIError:
+        return APIError(f"bad response from {url}: {what}")
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad(f"body is not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise bad("JSON nested too deeply") from None
+    except ValueError as e:
+        raise bad(f"body is not JSON ({e}): {text[:200]!r}") from None
+    if not isinstance(obj, dict):
+        raise bad(f"body is a JSON {type(obj).__name__}, not an object")
+    choices = obj.get("choices")
+    if not isinstance(choices, list):
+        raise bad(f"no 'choices' list (got {type(choices).__name__}): {text[:200]!r}")
+    for i, c in enumerate(choices):
+        if not isinstance(c, dict):
+            raise bad(f"choices[{i}] is a {type(c).__name__}, not an object")
+        if c.get("index") is not None and (not isinstance(c["index"], int) or isinstance(c["index"], bool)):
+            raise bad(f"choices[{i}].index is not an integer: {c['index']!r}")
+        msg = c.get("message")
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if content is None and isinstance(c.get("text"), str):
+            continue  # completions-style servers
+        if msg is not None and not isinstance(msg, dict):
+            raise bad(f"choices[{i}].message is a {type(msg).__name__}, not an object")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
+                raise bad(f"choices[{i}].message.content has a part that is not a text part")
+            continue
+        if not isinstance(content, str):
+            raise bad(f"choices[{i}].message.content is {type(content).__name__}, not text")
+    usage = obj.get("usage")
+    if usage is not None:
+        if not isinstance(usage, dict):
+            raise bad(f"'usage' is a {type(usage).__name__}, not an object")
+        for key in ("prompt_tokens", "completion_tokens"):
+            v = usage.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise bad(f"usage.{key} is not a non-negative integer: {v!r}")
+
+
 class OpenAIChatClient:
     """Chat-completions client for an OpenAI-compatible server (see the module docstring).
 
@@ -262,6 +402,8 @@ class OpenAIChatClient:
         is set (or ``api_key=""``), as local vLLM/SGLang servers need none.
       timeout: openai's per-attempt timeout in seconds.
       max_retries: retries after the first attempt on 408/409/429/5xx and connection errors.
+      deadline: wall-clock limit in seconds of one request over all its attempts (None: none).
+      max_response_bytes: largest response accepted per attempt (None: no limit).
       max_requests_per_second: client-side rate limit over all attempts; None disables it.
       price_per_1k: price per 1000 tokens, a float for both kinds or ``(prompt, completion)``.
       extra_headers: added to every request.
@@ -280,6 +422,8 @@ class OpenAIChatClient:
         max_requests_per_second: float | None = None,
         price_per_1k: float | tuple[float, float] | None = None,
         extra_headers: dict[str, str] | None = None,
+        deadline: float | None = 600.0,
+        max_response_bytes: int | None = 32 * 2**20,
     ):
         if not base_url:
             raise ValueError("base_url is required, e.g. 'http://127.0.0.1:8000/v1'")
@@ -287,6 +431,13 @@ class OpenAIChatClient:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         if not timeout or timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if deadline is not None and deadline <= 0:
+            raise ValueError(f"deadline must be a positive number of seconds or None, got {deadline!r}")
+        if max_response_bytes is not None and max_response_bytes <= 0:
+            raise ValueError(f"max_response_bytes must be positive or None, got {max_response_bytes!r}")
+        self.deadline = None if deadline is None else float(deadline)
+        self.max_response_bytes = None if max_response_bytes is None else int(max_response_bytes)
+        self._limits = _Limits()
         self.base_url = base_url.rstrip("/")
         self.url = f"{self.base_url}/chat/completions"
         self.model = model
@@ -311,6 +462,8 @@ class OpenAIChatClient:
             event_hooks={"request": [self._before_attempt]},
             trust_env=host not in _LOOPBACK_HOSTS,  # a proxy cannot reach this machine's loopback
         )
+        if not _install_limits(http_client, self._limits):  # pragma: no cover - httpx internals changed
+            raise RuntimeError("cannot install the request deadline on this httpx version")
         self._openai = openai.OpenAI(
             base_url=self.base_url,
             # openai insists on a key; without one the placeholder's header is dropped before sending
@@ -347,6 +500,13 @@ class OpenAIChatClient:
         if not self.api_key:
             request.headers.pop("Authorization", None)
         self._local.attempts = getattr(self._local, "attempts", 0) + 1
+        lim = self._limits
+        now = time.monotonic()
+        if lim.request_end is not None and now >= lim.request_end:
+            raise _LimitExceeded("request deadline exceeded")
+        lim.attempt_end = now + self.timeout
+        lim.received = 0
+        lim.max_bytes = self.max_response_bytes
 
     # -- public API ---------------------------------------------------------------------
 
@@ -379,8 +539,17 @@ class OpenAIChatClient:
         if body:
             kwargs["extra_body"] = body
         self._local.attempts = 0
+        lim = self._limits
+        lim.request_end = None if self.deadline is None else time.monotonic() + self.deadline
         try:
-            response = self._openai.chat.completions.create(**kwargs)
+            raw = self._openai.chat.completions.with_raw_response.create(**kwargs)
+            body = raw.http_response.content
+        except _LimitExceeded as e:
+            attempts = self._attempts()
+            if "deadline" in str(e):
+                raise APIConnectionError(f"no answer from {self.url} within the request deadline of "
+                                         f"{self.deadline:g} s ({attempts} attempts)") from None
+            raise APIError(f"bad response from {self.url}: {e}") from None
         except openai.APIStatusError as e:
             text = e.response.text
             raise APIStatusError(e.status_code, _error_message(text, e.status_code), text, self.url,
@@ -392,7 +561,14 @@ class OpenAIChatClient:
         except openai.APIError as e:  # e.g. a response that is not a chat completion
             self._attempts()
             raise APIError(f"bad response from {self.url}: {e}") from e
+        finally:
+            lim.request_end = lim.attempt_end = None
         self._attempts()
+        _check_completion(body, self.url)
+        try:
+            response = raw.parse()
+        except Exception as e:  # noqa: BLE001 - openai's model rejected what the checks let through
+            raise APIError(f"bad response from {self.url}: {type(e).__name__}: {e}") from None
         if not isinstance(getattr(response, "choices", None), list):
             raise APIError(f"response from {self.url} has no 'choices' list: {str(response)[:500]}")
         u = response.usage
@@ -432,7 +608,9 @@ class OpenAIChatClient:
                 content = getattr(choice, "text", None)  # completions-style servers
             if isinstance(content, list):  # content parts
                 content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            texts.append(content or "")
+            if not isinstance(content, str):  # _check_completion lets none through; never a silent ""
+                raise APIError(f"bad response from {self.url}: a choice without text")
+            texts.append(content)
         return texts
 
     def sample_solutions(

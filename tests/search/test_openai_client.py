@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from jaxprm.search.openai_client import (
+    APIError,
     APIConnectionError,
     APIStatusError,
     OpenAIChatClient,
@@ -333,3 +334,111 @@ def test_loopback_bypasses_env_proxy(server, monkeypatch):
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     assert _client(base_url, max_retries=0).chat([{"role": "user", "content": "p"}]) == ["p #0"]
+
+
+# ----------------------------------------------------------------------------- hostile servers
+
+
+class _RawServer:
+    """A loopback HTTP server answering every POST with ``respond(sock)`` (raw bytes, trickles)."""
+
+    def __init__(self, respond):
+        import socketserver
+        import threading
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                self.request.settimeout(10)
+                buf = b""
+                while b"\r\n\r\n" not in buf:
+                    chunk = self.request.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                head, rest = buf.split(b"\r\n\r\n", 1)
+                length = next((int(l.split(b":")[1]) for l in head.split(b"\r\n")
+                               if l.lower().startswith(b"content-length:")), 0)
+                while len(rest) < length:
+                    rest += self.request.recv(65536)
+                try:
+                    respond(self.request)
+                except OSError:
+                    pass
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _http_200(body: bytes, length: int | None = None) -> bytes:
+    n = len(body) if length is None else length
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " + str(n).encode()
+            + b"\r\n\r\n" + body)
+
+
+def test_trickling_server_hits_the_attempt_timeout_and_request_deadline():
+    # one byte every 0.1 s: never idle for `timeout`, so openai's per-read timeout alone never fires
+    def trickle(sock):
+        head = _http_200(b"", length=10_000)
+        sock.sendall(head)
+        for _ in range(200):  # bounded: 20 s at most
+            sock.sendall(b" ")
+            time.sleep(0.1)
+
+    with _RawServer(trickle) as url:
+        c = OpenAIChatClient(url, "m", timeout=0.5, max_retries=1, deadline=10)
+        t0 = time.monotonic()
+        with pytest.raises(APIConnectionError):
+            c.chat([{"role": "user", "content": "hi"}])
+        assert time.monotonic() - t0 < 4  # two attempts of 0.5 s plus one backoff
+        c = OpenAIChatClient(url, "m", timeout=5, max_retries=5, deadline=0.8)
+        t0 = time.monotonic()
+        with pytest.raises(APIConnectionError, match="deadline of 0.8 s"):
+            c.chat([{"role": "user", "content": "hi"}])
+        assert time.monotonic() - t0 < 3
+
+
+def test_response_size_cap():
+    big = b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "' + b"x" * 300_000 + b'"}}]}'
+    with _RawServer(lambda sock: sock.sendall(_http_200(big))) as url:
+        c = OpenAIChatClient(url, "m", max_retries=0, max_response_bytes=100_000)
+        with pytest.raises(APIError, match="max_response_bytes=100000"):
+            c.chat([{"role": "user", "content": "hi"}])
+        assert OpenAIChatClient(url, "m", max_retries=0).chat([{"role": "user", "content": "hi"}])[0] == "x" * 300_000
+
+
+@pytest.mark.parametrize("body, what", [
+    (b"\xff\xfe not utf8", "not UTF-8"),
+    (b"<html>oops</html>", "not JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b"[1, 2]", "JSON list, not an object"),
+    (b'{"id": "x"}', "no 'choices' list"),
+    (b'{"choices": "abc"}', "no 'choices' list"),
+    (b'{"choices": [1]}', r"choices\[0\] is a int"),
+    (b'{"choices": [{"index": 0, "message": {"role": "assistant"}}]}', r"choices\[0\].message.content is NoneType"),
+    (b'{"choices": [{"index": 0, "message": {"content": 5}}]}', r"choices\[0\].message.content is int"),
+    (b'{"choices": [{"index": 0, "message": "hi"}]}', r"choices\[0\].message is a str"),
+    (b'{"choices": [{"index": "a", "message": {"content": "x"}}]}', r"choices\[0\].index is not an integer"),
+    (b'{"choices": [{"index": 0, "message": {"content": "x"}}], "usage": {"prompt_tokens": "many"}}',
+     "usage.prompt_tokens"),
+])
+def test_malformed_200_is_api_error_naming_the_problem(body, what):
+    from jaxprm.search.openai_client import APIError
+
+    with _RawServer(lambda sock: sock.sendall(_http_200(body))) as url:
+        c = OpenAIChatClient(url, "m", max_retries=0)
+        with pytest.raises(APIError, match=what):
+            c.chat([{"role": "user", "content": "hi"}])
+
+
+def test_default_worst_case_is_bounded():
+    c = OpenAIChatClient("http://127.0.0.1:9/v1", "m")
+    assert c.deadline is not None and c.deadline <= 600
