@@ -33,7 +33,10 @@ per question type and per error kind, plus solution-level accuracy (a solution i
 when every step scores >= threshold) and first-error localisation. ``evaluate_synthetic(prm, ...)``
 is the same as a function (what the tiny training run reports).
 
-Errors in input files are reported as ``file:line: message`` and exit with status 2.
+Errors in input files are reported as ``file:line: message`` and exit with status 2. A ``bon``
+problem or ``vpb`` row whose images cannot be scored (missing, wrongly typed, undecodable,
+truncated or too large) is skipped with a ``skipped <where>: <reason>`` log line and listed under
+``skipped: {count, rows}`` in the results file; ``--strict`` stops at it with exit status 2.
 """
 from __future__ import annotations
 
@@ -125,6 +128,52 @@ def _check_images(images: Sequence, where: str) -> None:
             raise InputError(f"{where}: image file not found: {im}")
 
 
+def _image_problem(images: Sequence, where: str) -> str | None:
+    """Why a row's images cannot be scored (missing, wrongly typed, undecodable, truncated or too
+    large: decoded here as the PRM decodes them), else None."""
+    from jaxprm.data.preprocess import to_rgb_array
+
+    try:
+        _check_images(images, where)
+    except InputError as e:
+        return str(e).removeprefix(f"{where}: ")
+    for i, im in enumerate(images or []):
+        if isinstance(im, str) and "://" in im and not im.startswith("data:"):
+            continue  # a URL: left to the PRM
+        try:
+            to_rgb_array(_image_arg([im]))
+        except (ValueError, TypeError, OSError) as e:  # InputError (bad data URL) is a ValueError
+            return f"image {i}: {e}"
+    return None
+
+
+def _usable_rows(wheres: Sequence[str], images_of, strict: bool, data: str, what: str) -> tuple[list[int], list]:
+    """(indices of the rows whose images can be scored, skipped rows). A row that cannot be scored
+    (``_image_problem``; ``images_of(i)`` may raise ``InputError``) is, with ``strict``, an
+    ``InputError`` (exit 2), else logged as ``file:line: reason`` and listed in the skipped rows
+    (the results file's ``skipped``)."""
+    keep, skipped = [], []
+    for i, w in enumerate(wheres):
+        try:
+            reason = _image_problem(images_of(i), w)
+        except InputError as e:
+            reason = str(e).removeprefix(f"{w}: ")
+        if reason is None:
+            keep.append(i)
+            continue
+        if strict:
+            raise InputError(f"{w}: {reason}")
+        print(f"skipped {w}: {reason}", file=sys.stderr)
+        skipped.append({"where": w, "reason": reason})
+    if not keep:
+        raise InputError(f"{data}: no usable {what} ({len(skipped)} skipped)")
+    return keep, skipped
+
+
+def _skipped_summary(skipped: list) -> dict:
+    return {"count": len(skipped), "rows": skipped[:1000]}
+
+
 def _problem_question(p: dict) -> str:
     """The question text the policy and the PRM see: MathVista's ``query`` when present (it already
     lists the choices), else the question followed by lettered choices."""
@@ -208,10 +257,31 @@ def make_policy(args):
     raise InputError(f"unknown --policy {args.policy!r}")
 
 
+def _repair_last_line(path: str) -> None:
+    """Before appending to a candidates file: a partial last line (a write cut by a kill) is
+    truncated, said once in the log (its problem is sampled again); a complete last line without
+    its newline gets one."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return
+        start = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[start:].decode("utf-8"))
+            f.write(b"\n")
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            lineno = data[:start].count(10) + 1
+            print(f"{path}:{lineno}: partial last line ({len(data) - start} bytes, an interrupted write) removed; "
+                  "its problem is sampled again", file=sys.stderr)
+            f.truncate(start)
+
+
 def sample_candidates(policy, problems: list[dict], path: str, n: int, sampling: dict, seed: int,
                       progress: bool = True) -> dict[str, list[str]]:
     """Sample ``n`` solutions for every problem that has none in ``path`` yet, appending them
     there one line per problem; returns all candidates."""
+    if os.path.exists(path):
+        _repair_last_line(path)
     have = load_candidates(path) if os.path.exists(path) else {}
     todo = [(i, p) for i, p in enumerate(problems) if len(have.get(p["id"], [])) < n]
     if todo:
@@ -305,7 +375,9 @@ def cmd_bon(args, prm=None, policy=None) -> dict:
         if p["id"] in seen:
             raise InputError(f"{args.data}: problem id {p['id']!r} appears twice (records {seen[p['id']]} and {i})")
         seen[p["id"]] = i
-        _check_images(p["images"], f"{args.data}: problem {p['id']!r}")
+    keep, skipped = _usable_rows([f"{args.data}: problem {p['id']!r}" for p in problems],
+                                 lambda i: problems[i]["images"], args.strict, args.data, "problems")
+    problems = [problems[i] for i in keep]
     aggs = [a.strip() for a in args.aggregate.split(",") if a.strip()]
     from jaxprm.search.search import AGGREGATE_CHOICES
 
@@ -326,7 +398,11 @@ def cmd_bon(args, prm=None, policy=None) -> dict:
     res = evaluate_bon(prm, problems, candidates, max_n=args.max_n, aggregations=aggs, answer_kind=args.answer_kind,
                        num_samples=args.majority_samples, seed=args.seed, progress=not args.no_progress,
                        where=cand_path)
-    res.update({"data": args.data, "format": args.format, "candidates": cand_path, "prm": args.prm})
+    res.update({"data": args.data, "format": args.format, "candidates": cand_path, "prm": args.prm,
+                "skipped": _skipped_summary(skipped)})
+    if skipped:
+        print(f"skipped {len(skipped)} problem(s) whose images cannot be scored (see 'skipped' in bon_results.json)",
+              file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     _write_json(os.path.join(args.out, "bon_results.json"), res)
     curves = {name: (c["ns"], c["acc"]) for name, c in res["curves"].items()}
@@ -366,8 +442,18 @@ F1_HEADERS = ["source", "steps", "acc", "F1(correct)", "F1(incorrect)", "macro-F
 
 
 def _vpb_lines(path: str) -> list[int]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # line numbers as iter_jsonl counts them (bytes: no decoding here)
         return [i for i, line in enumerate(f, 1) if line.strip()]
+
+
+def _vpb_images(row: dict, image_root: str, where: str) -> list:
+    imgs = row.get("image", row.get("images")) or []
+    if isinstance(imgs, str):
+        imgs = [imgs]
+    if not isinstance(imgs, list):
+        raise InputError(f"{where}: 'image' must be a path or a list of paths, got {type(imgs).__name__}")
+    return [im if (not isinstance(im, str) or os.path.isabs(im) or im.startswith("data:")) else
+            os.path.join(image_root, im) for im in imgs]
 
 
 def evaluate_vpb(prm, rows: list[dict], *, image_root: str, threshold: float = 0.5, batch_size: int = 8,
@@ -376,14 +462,11 @@ def evaluate_vpb(prm, rows: list[dict], *, image_root: str, threshold: float = 0
     items = []
     for i, row in enumerate(rows):
         w = where[i] if where else f"row {i}"
-        imgs = row.get("image", row.get("images")) or []
-        imgs = [imgs] if isinstance(imgs, str) else list(imgs)
-        imgs = [im if (not isinstance(im, str) or os.path.isabs(im) or im.startswith("data:")) else
-                os.path.join(image_root, im) for im in imgs]
+        imgs = _vpb_images(row, image_root, w)
         _check_images(imgs, w)
-        steps = [str(s) for s in row["response"]["steps"]]
-        if not steps:
-            raise InputError(f"{w}: response.steps is empty")
+        steps = row["response"]["steps"]
+        if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+            raise InputError(f"{w}: response.steps must be a non-empty list of strings")
         q = row.get("question")
         if not isinstance(q, str):
             raise InputError(f"{w}: missing 'question'")
@@ -404,10 +487,15 @@ def cmd_vpb(args, prm=None) -> dict:
         raise InputError(f"{args.data}: no rows")
     root = args.image_root or os.path.dirname(os.path.abspath(args.data))
     where = [f"{args.data}:{ln}" for ln in lines[: len(rows)]]
+    keep, skipped = _usable_rows(where, lambda i: _vpb_images(rows[i], root, where[i]), args.strict, args.data, "rows")
+    rows, where = [rows[i] for i in keep], [where[i] for i in keep]
     prm = prm if prm is not None else load_prm(args.prm)
     res, scores = evaluate_vpb(prm, rows, image_root=root, threshold=args.threshold, batch_size=args.batch_size,
                                progress=not args.no_progress, where=where)
-    res.update({"data": args.data, "prm": args.prm})
+    res.update({"data": args.data, "prm": args.prm, "skipped": _skipped_summary(skipped)})
+    if skipped:
+        print(f"skipped {len(skipped)} row(s) whose images cannot be scored (see 'skipped' in vpb_results.json)",
+              file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     _write_json(os.path.join(args.out, "vpb_results.json"), res)
     with open(os.path.join(args.out, "vpb_scores.jsonl"), "w", encoding="utf-8") as f:
@@ -588,6 +676,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--prm", required=prm_required, help="PRM dir (training workdir, exported or HF dir)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    def strict(p):
+        p.add_argument("--strict", action="store_true",
+                       help="stop (exit 2) at the first row whose images cannot be scored, instead of skipping it "
+                            "(skips are logged as file:line: reason and counted in the results' 'skipped')")
+
     b = sub.add_parser("bon", help="best-of-N accuracy vs N with PRM aggregations, majority and pass@N")
     common(b)
     b.add_argument("--data", required=True, help="benchmark jsonl")
@@ -602,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, default=None, help="only the first N problems")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--majority-samples", type=int, default=200, help="subsets per (problem, N) for majority vote")
+    strict(b)
     g = b.add_argument_group("sampling candidates (when the candidates file lacks some problems)")
     g.add_argument("--policy", choices=("openai", "jax"), default=None)
     g.add_argument("--base-url", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
@@ -623,6 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--threshold", type=float, default=0.5)
     v.add_argument("--batch-size", type=int, default=8)
     v.add_argument("--limit", type=int, default=None)
+    strict(v)
 
     s = sub.add_parser("synthetic", help="step F1 on freshly generated synthetic puzzles")
     common(s)

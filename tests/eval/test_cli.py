@@ -149,11 +149,11 @@ def test_vpb_macro_f1_per_source(tmp_path, capsys):
     assert scores[1]["pred_scores"] == pytest.approx([0.8, 0.7, 0.4]) and scores[1]["where"] == f"{data}:2"
     table = capsys.readouterr().out
     assert "MMMU" in table and "WeMath" in table and "overall" in table
-    # a missing image is reported with file:line
+    # a missing image is reported with file:line: skipped and counted, or with --strict exit 2
     rows[2]["image"] = ["images/missing.png"]
     data = _jsonl(tmp_path / "vpb2.jsonl", rows)
-    assert main(["vpb", "--prm", "fake", "--data", data, "--out", str(tmp_path / "o2"), "--no-progress"],
-                prm=prm) == 2
+    assert main(["vpb", "--prm", "fake", "--data", data, "--out", str(tmp_path / "o2"), "--no-progress",
+                 "--strict"], prm=prm) == 2
     err = capsys.readouterr().err
     assert f"{data}:3" in err and "missing.png" in err
 
