@@ -215,3 +215,27 @@ def test_cli(tmp_path, records, capsys):
     assert "wrote" in capsys.readouterr().err
     rc = tb.main(["--records", str(tmp_path / "r.jsonl"), "--data_dir", str(tmp_path / "d"), "--no_progress"])
     assert rc == 2  # exists, no --overwrite
+
+
+def test_importer_refuses_image_paths_outside_image_root(tmp_path, records):
+    from jaxprm.data.formats._common import ImportStats, run_import
+    from jaxprm.data.schema import RecordError
+
+    root = tmp_path / "images"
+    root.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "ok.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"img": p}) for p in ["ok.png", "../secret.png", str(tmp_path / "secret.png")]) + "\n")
+
+    def convert(row, where):
+        return dataclasses.replace(records[0], images=[row["img"]])
+
+    stats = ImportStats()
+    out = list(run_import(str(rows), convert, on_error="skip", stats=stats, image_root=str(root)))
+    assert [r.images for r in out] == [[os.path.join(str(root), "ok.png")]]
+    assert stats.skipped == 2
+    with pytest.raises(RecordError, match=r"rows.jsonl:2: image path '../secret.png' resolves to .*outside image_root"):
+        list(run_import(str(rows), convert, image_root=str(root)))
+    allowed = list(run_import(str(rows), convert, image_root=str(root), allow_outside_root=True))
+    assert len(allowed) == 3

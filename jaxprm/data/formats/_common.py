@@ -159,6 +159,7 @@ def run_import(
     stats: ImportStats | None = None,
     image_root: str | os.PathLike | None = None,
     check_images: bool | None = None,
+    allow_outside_root: bool = False,
 ) -> Iterator[Record]:
     """Drive ``convert(row, where) -> Record`` over the rows of ``path``: resolve image paths, check
     they exist, validate, and apply ``on_error``. Every error message starts with ``file:row``.
@@ -168,22 +169,25 @@ def run_import(
     stats = stats if stats is not None else ImportStats()
     if check_images is None:
         check_images = image_root is not None
-    return _run(files, convert, on_error, stats, image_root, bool(check_images))
+    return _run(files, convert, on_error, stats, image_root, bool(check_images), allow_outside_root)
 
 
-def _run(files, convert, on_error, stats, image_root, check_images) -> Iterator[Record]:
+def _run(files, convert, on_error, stats, image_root, check_images, allow_outside_root=False) -> Iterator[Record]:
     for where, row in iter_rows(files):
         stats.rows += 1
         try:
             if isinstance(row, RowError):
                 raise row
             rec = convert(row, where)
-            rec.images = [resolve_image(im, image_root) for im in rec.images]
+            rec.images = [resolve_image(im, image_root, allow_outside_root) for im in rec.images]
             if check_images:
                 check_image_files(rec)
             rec.validate()
         except RecordError as e:
             _handle(located(where, e), on_error, stats)
+            continue
+        except ImagePathError as e:
+            _handle(f"{where}: {e}", on_error, stats)
             continue
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # malformed row
             msg = f"{where}: malformed row: {type(e).__name__}: {e}"
@@ -206,11 +210,27 @@ def _handle(msg: str, on_error: str, stats: ImportStats) -> None:
 
 
 # -- images --------------------------------------------------------------------------------------------
-def resolve_image(im: Any, image_root: str | os.PathLike | None) -> Any:
-    """Join a relative path onto ``image_root``; bytes, absolute paths and URLs pass through."""
-    if not isinstance(im, str) or image_root is None or os.path.isabs(im) or _URL_RE.match(im):
+class ImagePathError(ValueError):
+    """An image path that resolves outside ``image_root``."""
+
+
+def resolve_image(im: Any, image_root: str | os.PathLike | None, allow_outside_root: bool = False) -> Any:
+    """Join a relative path onto ``image_root``; bytes and URLs pass through, as does every path
+    when ``image_root`` is None. With a root, the path is resolved (``..`` and symlinks) and one
+    outside the root (``../x.png``, ``/etc/x.png``) raises ``ImagePathError`` naming it, unless
+    ``allow_outside_root``."""
+    if not isinstance(im, str) or image_root is None or _URL_RE.match(im):
         return im
-    return os.path.join(os.fspath(image_root), im)
+    root = os.fspath(image_root)
+    path = im if os.path.isabs(im) else os.path.join(root, im)
+    if allow_outside_root:
+        return path
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise ImagePathError(f"image path {im!r} resolves to {real!r}, outside image_root {real_root!r} "
+                             f"(allow_outside_root=True permits it)")
+    return path
 
 
 def check_image_files(rec: Record) -> None:
