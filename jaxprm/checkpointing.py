@@ -18,22 +18,31 @@ training run; ``restore_params`` reads only ``params`` (what ``load_prm_model`` 
 
 An exported PRM (``export_hf``) is a plain HF Qwen2.5-VL directory (config.json, model.safetensors,
 tokenizer, preprocessor_config.json) plus prm.json (and step_head.safetensors for a linear head),
-so transformers can load the backbone and ``load_prm_model`` the whole PRM.
+so transformers can load the backbone and ``load_prm_model`` the whole PRM. It is written atomically
+(a temporary directory renamed into place) and its model.safetensors carries jaxprm's writer metadata;
+a directory jaxprm wrote but without prm.json is refused, while a plain HF directory without one gets
+``default_spec`` (said once in the log).
 """
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxprm.atomic import atomic_write_json
+from jaxprm.atomic import _UMASK, atomic_write_json, fsync_dir
 from jaxprm.data.preprocess import ImageProcessor
 from jaxprm.models.prm import PRMModel, PRMSpec
 from jaxprm.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
-from jaxprm.models.qwen2_5_vl.convert import from_pretrained, read_safetensors, save_pretrained, write_safetensors
+from jaxprm.models.qwen2_5_vl.convert import (from_pretrained, read_safetensors, save_pretrained, write_safetensors,
+                                              written_by_jaxprm)
+
+log = logging.getLogger(__name__)
 
 ASSETS, CHECKPOINTS = "assets", "checkpoints"
 ITEMS = ("params", "opt_state", "data", "meta")  # the items of a checkpoint step (module docstring)
@@ -60,26 +69,72 @@ def default_spec(tokenizer, head: str = "lm_rows") -> PRMSpec:
     return PRMSpec(plus_id=plus, minus_id=minus, head=head)
 
 
-def load_assets(directory: str):
-    """(spec, model_config, tokenizer, image_processor) from an assets dir or an HF/exported PRM dir."""
+JAXPRM_MARKERS = ("step_head.safetensors",)  # files only jaxprm writes (plus WRITER_METADATA in model.safetensors)
+
+
+def looks_like_jaxprm(directory: str) -> str | None:
+    """The file that shows ``directory`` was written by jaxprm (an export or workdir assets), or None."""
+    for m in JAXPRM_MARKERS:
+        if os.path.exists(os.path.join(directory, m)):
+            return m
+    if written_by_jaxprm(os.path.join(directory, "model.safetensors")):
+        return "model.safetensors (written by jaxprm)"
+    return None
+
+
+def _read_json_file(what: str, fn):
+    """``fn()`` with JSON/encoding errors of ``what`` (a file) turned into one ``ValueError`` naming it."""
+    try:
+        return fn()
+    except (ValueError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as e:
+        msg = str(e)
+        if what in msg:
+            raise
+        raise ValueError(f"{what}: not a valid file ({type(e).__name__}: {msg})") from None
+
+
+def load_assets(directory: str, *, jaxprm_dir: bool = False):
+    """(spec, model_config, tokenizer, image_processor) from an assets dir or an HF/exported PRM dir.
+
+    prm.json is required in a directory jaxprm wrote (``jaxprm_dir``, or one ``looks_like_jaxprm``):
+    without it the head, label ids and system prompt are unknown. A plain HF directory (a released
+    VL-PRM) without one gets ``default_spec`` (the "+"/"-" rows of the lm head, the default system
+    prompt), said once in the log. The spec's label ids are checked against the vocabulary and the
+    tokenizer's "+"/"-" tokens."""
     from transformers import AutoTokenizer
+
+    from jaxprm.data.prompt import label_token_ids
 
     if not os.path.exists(os.path.join(directory, "config.json")):
         raise FileNotFoundError(f"{directory}: no config.json; expected a jaxprm workdir, an exported PRM "
                                 "or an HF Qwen2.5-VL directory")
-    config = Qwen25VLConfig.from_pretrained(directory)
+    prm_json = os.path.join(directory, "prm.json")
+    if not os.path.exists(prm_json):
+        marker = "the jaxprm workdir's assets" if jaxprm_dir else looks_like_jaxprm(directory)
+        if marker:
+            raise FileNotFoundError(f"{prm_json} is missing, but {directory} is a jaxprm export ({marker}): "
+                                    "without it the head, label ids and system prompt are unknown; re-export "
+                                    "the PRM or restore prm.json")
+    config = _read_json_file(os.path.join(directory, "config.json"), lambda: Qwen25VLConfig.from_pretrained(directory))
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{directory}: could not load a tokenizer ({e}); copy the base model's "
                                 "tokenizer files into this directory") from e
     try:
-        image_processor = ImageProcessor.from_pretrained(directory)
+        image_processor = _read_json_file(os.path.join(directory, "preprocessor_config.json"),
+                                          lambda: ImageProcessor.from_pretrained(directory))
     except FileNotFoundError:
         image_processor = ImageProcessor(patch_size=config.vision.patch_size,
                                          temporal_patch_size=config.vision.temporal_patch_size,
                                          merge_size=config.vision.spatial_merge_size)
-    spec = PRMSpec.load(directory) or default_spec(tokenizer)
+    spec = PRMSpec.load(directory)
+    if spec is None:
+        spec = default_spec(tokenizer)
+        log.info("%s has no prm.json: using the default VL-PRM spec (head 'lm_rows', the \"+\"/\"-\" rows "
+                 "%d/%d of the lm head, the default system prompt)", directory, spec.plus_id, spec.minus_id)
+    spec.check_ids(vocab_size=config.text.vocab_size, label_ids=label_token_ids(tokenizer),
+                   where=prm_json if os.path.exists(prm_json) else directory)
     return spec, config, tokenizer, image_processor
 
 
@@ -174,7 +229,7 @@ def load_prm_model(path: str, dtype=jnp.float32, step: int | None = None, attn_i
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is not a directory")
     if is_workdir(path):
-        spec, config, tok, ip = load_assets(os.path.join(path, ASSETS))
+        spec, config, tok, ip = load_assets(os.path.join(path, ASSETS), jaxprm_dir=True)
         # abstract (no allocation, no random init); the restore fills in the arrays
         model = nnx.eval_shape(lambda: PRMModel(Qwen25VL(config, dtype=dtype, attn_impl=attn_impl), spec))
         restore_params(path, model, step)
@@ -189,18 +244,45 @@ def load_prm_model(path: str, dtype=jnp.float32, step: int | None = None, attn_i
         if not os.path.exists(f):
             raise FileNotFoundError(f"{path}: prm.json says head='linear' but step_head.safetensors is missing")
         t = read_safetensors(f)
-        model.step_head[...] = jnp.asarray(np.asarray(t["step_head"]), model.step_head[...].dtype)
-        model.step_bias[...] = jnp.asarray(np.asarray(t["step_bias"]), model.step_bias[...].dtype)
+        for name, var in (("step_head", model.step_head), ("step_bias", model.step_bias)):
+            if name not in t:
+                raise ValueError(f"{f}: no tensor {name!r} (has {sorted(t)})")
+            if tuple(t[name].shape) != tuple(var.shape):
+                raise ValueError(f"{f}: tensor {name!r} has shape {tuple(t[name].shape)}, the model needs "
+                                 f"{tuple(var.shape)}")
+            var[...] = jnp.asarray(np.asarray(t[name]), var[...].dtype)
     return model, tok, ip
 
 
 def export_hf(model: PRMModel, tokenizer, image_processor: ImageProcessor, out_dir: str, dtype=None) -> str:
-    """Write the PRM as an HF Qwen2.5-VL directory + prm.json (see module docstring)."""
-    save_pretrained(model.backbone, out_dir, dtype=dtype)
-    tokenizer.save_pretrained(out_dir)
-    image_processor.save_pretrained(out_dir)
-    model.spec.save(out_dir)
-    if model.step_head is not None:
-        write_safetensors(os.path.join(out_dir, "step_head.safetensors"),
-                          {"step_head": np.asarray(model.step_head[...]), "step_bias": np.asarray(model.step_bias[...])})
-    return out_dir
+    """Write the PRM as an HF Qwen2.5-VL directory + prm.json (see module docstring), atomically: all
+    files go to a temporary directory next to ``out_dir`` that is then renamed to it (an existing
+    ``out_dir`` is replaced), so a reader sees the old export, the new one, or none -- never a part."""
+    given, out_dir = out_dir, os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".tmp", dir=parent)
+    old = None
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's 0o700 -> what os.makedirs gives
+        save_pretrained(model.backbone, tmp, dtype=dtype)
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+        if model.step_head is not None:
+            write_safetensors(os.path.join(tmp, "step_head.safetensors"),
+                              {"step_head": np.asarray(model.step_head[...]), "step_bias": np.asarray(model.step_bias[...])})
+        model.spec.save(tmp)  # last: a directory with prm.json is complete
+        if os.path.lexists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".old", dir=parent)
+            os.rmdir(old)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        fsync_dir(parent)
+    except BaseException:
+        if old is not None and not os.path.lexists(out_dir):
+            os.replace(old, out_dir)  # put the previous export back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return given

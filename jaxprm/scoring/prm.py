@@ -78,8 +78,12 @@ class PRM:
 
     ``image``: a PIL image, encoded bytes, a path, a uint8 (H, W[, C]) array, a list of those (several
     images, in order), or None (text only). Scores are P(step correct) (softmax over the "+"/"-"
-    logits), float32, one per step. ``max_length`` (optional) drops whole trailing steps that do not
-    fit; their scores are NaN. Other keyword arguments configure the ``Scorer`` (buckets, batch size).
+    logits), float32, one per step. Other keyword arguments configure the ``Scorer`` (buckets, batch size).
+
+    Length limit: no sequence longer than ``max_length`` tokens (default: the Scorer's largest length
+    bucket, 8192 by default) ever reaches the device. Whole trailing steps that do not fit are dropped,
+    as training does, and their scores are NaN; an item whose prompt (system turn, image tokens,
+    question) and first step alone do not fit raises a ``ValueError`` naming the item.
     """
 
     def __init__(self, model: PRMModel, tokenizer, image_processor: ImageProcessor | None = None, *,
@@ -97,8 +101,12 @@ class PRM:
             raise ValueError(f"{self.image_processor!r} does not match the model's vision config "
                              f"(patch {cfg.vision.patch_size}, merge {cfg.vision.spatial_merge_size})")
         self.system_prompt = system_prompt or model.spec.system_prompt or PRM_SYSTEM_PROMPT
-        self.max_length = max_length
         self.scorer = Scorer(model, **scorer_kwargs)
+        if max_length is None:
+            max_length = self.scorer.length_buckets[-1]
+        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1:
+            raise ValueError(f"max_length must be a positive int (tokens), got {max_length!r}")
+        self.max_length = int(max_length)
 
     @property
     def spec(self):
@@ -123,11 +131,20 @@ class PRM:
         out = self.image_processor(images)
         return out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
 
-    def _encode(self, pv, grid, question: str, steps: list[str]) -> _Encoded:
+    def _encode(self, pv, grid, question: str, steps: list[str], where: str = "") -> _Encoded:
         cfg = self.config
-        enc = encode_prm_example(self.tokenizer, question, steps, image_grid_thw=grid,
-                                 merge_size=cfg.vision.spatial_merge_size, max_length=self.max_length,
-                                 mode="score", system_prompt=self.system_prompt)
+        try:
+            enc = encode_prm_example(self.tokenizer, question, steps, image_grid_thw=grid,
+                                     merge_size=cfg.vision.spatial_merge_size, max_length=self.max_length,
+                                     mode="score", system_prompt=self.system_prompt)
+        except ValueError as e:
+            if "max_length" not in str(e):
+                raise
+            raise ValueError(f"{where + ': ' if where else ''}too long to score: {e} (the PRM's max_length; "
+                             "shorten the question or the first step, or pass a larger max_length with "
+                             "length buckets to match)") from None
+        if len(enc.input_ids) > self.max_length:  # pragma: no cover - encode_prm_example guarantees it
+            raise RuntimeError(f"{len(enc.input_ids)} tokens > max_length={self.max_length}; this is a bug")
         ids = enc.input_ids.astype(np.int32)
         pos, _ = rope.get_rope_index(ids[None], image_token_id=cfg.image_token_id,
                                      video_token_id=cfg.video_token_id,
@@ -159,7 +176,7 @@ class PRM:
             image, question, steps = item
             steps = _check_question_steps(question, steps, f"items[{n}]")
             pv, grid = self._images(image)
-            encoded.append(self._encode(pv, grid, question, steps))
+            encoded.append(self._encode(pv, grid, question, steps, f"items[{n}]"))
         seqs = [TokenSequence(e.input_ids, e.position_ids, e.label_positions, e.pixel_values, e.grid) for e in encoded]
         probs = self.scorer.score_sequences(seqs)
         return [self._expand(e, p) for e, p in zip(encoded, probs)]
@@ -174,7 +191,7 @@ class PRM:
             return []
         cand_steps = [_check_question_steps(question, c, f"candidates[{i}]") for i, c in enumerate(candidates)]
         pv, grid = self._images(image)
-        encoded = [self._encode(pv, grid, question, s) for s in cand_steps]
+        encoded = [self._encode(pv, grid, question, s, f"candidates[{i}]") for i, s in enumerate(cand_steps)]
         return self._score_encoded(encoded, share_prefix)
 
     def _score_encoded(self, encoded: Sequence[_Encoded], share_prefix: bool = True) -> list[np.ndarray]:
@@ -316,7 +333,8 @@ class IncrementalScorer:
                 self.stats["rebuilds"] += 1
                 self._reset()
         if conts is None:
-            encoded = [self.prm._encode(self.pixel_values, self.grid, self.question, sl) for sl in lists]
+            encoded = [self.prm._encode(self.pixel_values, self.grid, self.question, sl, f"candidates[{i}]")
+                       for i, sl in enumerate(lists)]
             cut = 0 if any(e.truncated for e in encoded) else self.prm.shared_prefix_length(encoded)
             if cut <= 0:  # nothing to cache: score as score_candidates does
                 self.stats["uncached"] += 1
@@ -367,11 +385,11 @@ class IncrementalScorer:
     def _continue(self, steps: list[str], cands: list[str]) -> list[_Continuation] | None:
         """Every candidate as a continuation of the cache, or None if one is not."""
         out = []
-        for c in cands:
-            sl = steps + [c]
+        for i, c in enumerate(cands):
+            sl, where = steps + [c], f"candidates[{i}]"
             cont = self._from_split(sl) if self._split and self._text else None
             if cont is not None and (self.check or not self._split_checked):
-                ref = self._from_encoding(self.prm._encode(self.pixel_values, self.grid, self.question, sl), sl)
+                ref = self._from_encoding(self.prm._encode(self.pixel_values, self.grid, self.question, sl, where), sl)
                 self._split_checked = True
                 if ref is None or not (np.array_equal(ref.ids, cont.ids) and np.array_equal(ref.pos, cont.pos)
                                        and np.array_equal(ref.labels, cont.labels) and ref.text == cont.text):
@@ -379,7 +397,7 @@ class IncrementalScorer:
                     self._split = False
                     cont = ref
             if cont is None:
-                cont = self._from_encoding(self.prm._encode(self.pixel_values, self.grid, self.question, sl), sl)
+                cont = self._from_encoding(self.prm._encode(self.pixel_values, self.grid, self.question, sl, where), sl)
             if cont is None:
                 return None
             out.append(cont)

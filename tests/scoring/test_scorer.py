@@ -197,6 +197,39 @@ def test_max_length_drops_trailing_steps(prm, records):
     np.testing.assert_allclose(got[:3], full[:3], atol=1e-6, rtol=0)
 
 
+def test_length_limit_never_sends_an_overlong_sequence(prm, records, monkeypatch):
+    """Issue 12 item 4: a 50k-character step is dropped (NaN) as a later step, or refused with an error
+    naming the item as the first; nothing longer than max_length (default: the largest length bucket)
+    reaches the device."""
+    assert prm.max_length == BUCKETS["length_buckets"][-1]
+    rec = next(r for r in records if len(r.steps) >= 3)
+    img, q, steps = rec.images[0], rec.question, _steps(rec)
+    huge = "7 + 8 = 15. " * 4200  # ~50k characters
+    sent = []
+    real_full = prm.scorer._fns.full
+
+    def spy(state, batch):
+        sent.append(batch["input_ids"].shape[1])
+        return real_full(state, batch)
+
+    monkeypatch.setattr(prm.scorer._fns, "full", spy)
+    ref = prm.score(img, q, steps[:2])
+    got = prm.score(img, q, steps[:2] + [huge] + steps[2:])
+    assert np.isnan(got[2:]).all() and len(got) == len(steps) + 1
+    np.testing.assert_allclose(got[:2], ref, atol=1e-6, rtol=0)
+    b = prm.score_batch([(img, q, steps), (img, q, [steps[0], huge])])
+    assert np.isnan(b[1][1]) and not np.isnan(b[0]).any()
+    with pytest.raises(ValueError, match=r"items\[1\]: too long to score.*max_length=768"):
+        prm.score_batch([(img, q, steps), (img, q, [huge])])
+    with pytest.raises(ValueError, match=r"candidates\[1\]: too long to score"):
+        prm.score_candidates(img, q, [steps, [huge, steps[0]]])
+    c = prm.score_candidates(img, q, [steps, steps[:1] + [huge]])
+    assert np.isnan(c[1][1]) and not np.isnan(c[1][0])
+    assert sent and max(sent) <= prm.max_length
+    with pytest.raises(ValueError, match="max_length must be a positive int"):
+        PRM(prm.model, prm.tokenizer, max_length=0, **BUCKETS)
+
+
 # ------------------------------------------------------------------------------------------------
 # buckets: no recompilation after warm-up
 # ------------------------------------------------------------------------------------------------

@@ -30,24 +30,71 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_d
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Memory-mapped arrays of one .safetensors file."""
+# written into the ``__metadata__`` of the safetensors files jaxprm writes (``save_pretrained``): how
+# ``jaxprm.checkpointing`` tells a jaxprm export from a released HF checkpoint
+WRITER_METADATA = {"writer": "jaxprm"}
+
+
+def written_by_jaxprm(path: str) -> bool:
+    """Whether ``path`` (a .safetensors file) carries ``WRITER_METADATA``; False for unreadable files."""
+    try:
+        header, _ = read_safetensors_header(path)
+    except (OSError, ValueError):
+        return False
+    meta = header.get("__metadata__")
+    return isinstance(meta, dict) and all(meta.get(k) == v for k, v in WRITER_METADATA.items())
+
+
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+    """(header dict, data start offset) of a .safetensors file, checked against the file's size: a
+    ``ValueError`` naming the file (and the tensor) for anything that is not a valid header."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
             raise ValueError(f"{path}: not a safetensors file (truncated header)")
         (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"{path}: not a safetensors file (header length {n} but the file has {size} bytes)")
         try:
             header = json.loads(f.read(n))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError / UnicodeDecodeError are ValueErrors
             raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-    out = {}
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+    data = size - 8 - n
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        try:
+            dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
+            shape = [int(d) for d in shape]
+            a, b = int(a), int(b)
+        except (TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"{path}: tensor {name!r} has a corrupt header entry {info!r} ({e!r})") from None
+        if dtype not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        if any(d < 0 for d in shape) or not 0 <= a <= b <= data:
+            raise ValueError(f"{path}: tensor {name!r}: shape {shape} / data_offsets [{a}, {b}] do not fit the "
+                             f"file ({data} data bytes); the file is corrupt or truncated")
+        need = int(np.prod(shape, dtype=object)) * np.dtype(_DTYPES[dtype]).itemsize
+        if need != b - a:
+            raise ValueError(f"{path}: tensor {name!r}: shape {shape} of {dtype} needs {need} bytes but "
+                             f"data_offsets [{a}, {b}] hold {b - a}; the file is corrupt")
+    return header, 8 + n
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Memory-mapped arrays of one .safetensors file."""
+    header, start = read_safetensors_header(path)
+    out = {}
+    if os.path.getsize(path) == start:  # no data bytes: np.memmap cannot map an empty range
+        return {name: np.zeros(info["shape"], _DTYPES[info["dtype"]]) for name, info in header.items()
+                if name != "__metadata__"}
+    mm = np.memmap(path, dtype=np.uint8, mode="r", offset=start)
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
         a, b = info["data_offsets"]
         out[name] = mm[a:b].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
     return out
@@ -72,8 +119,11 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict 
 def read_checkpoint_tensors(hf_dir: str) -> dict[str, np.ndarray]:
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index, encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from None
     else:
         files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
         # model.safetensors / model-0000k-of-0000n.safetensors; other files (e.g. a PRM's
@@ -174,10 +224,13 @@ def to_flax_shape(kind: str, shape: tuple) -> tuple:
     return tuple(shape)
 
 
-def hf_to_params(tensors: dict[str, np.ndarray], config: Qwen25VLConfig, dtype) -> dict[tuple, np.ndarray]:
-    """HF tensors -> {our param path: array in ``dtype``}; stacked per-layer tensors are stacked."""
+def hf_to_params(tensors: dict[str, np.ndarray], config: Qwen25VLConfig, dtype,
+                 names: dict | None = None) -> dict[tuple, np.ndarray]:
+    """HF tensors -> {our param path: array in ``dtype``}; stacked per-layer tensors are stacked.
+    ``names`` (optional, filled in): our path -> the HF tensor name(s) it came from, for errors."""
     np_dtype = np.dtype(jnp.dtype(dtype))
-    single, stacked = {}, {}
+    single, stacked, stacked_names = {}, {}, {}
+    names = {} if names is None else names
     for name, arr in tensors.items():
         m = map_name(name)
         if m is None:
@@ -185,11 +238,17 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: Qwen25VLConfig, dtype) 
         path, layer, kind = m
         if path == ("lm_head",) and config.tie_word_embeddings:
             continue  # tied: transformers ignores a saved lm_head too
-        a = np.asarray(to_flax(kind, arr), dtype=np_dtype)
+        try:
+            a = np.asarray(to_flax(kind, arr), dtype=np_dtype)
+        except ValueError as e:
+            raise ValueError(f"tensor {name!r} (shape {tuple(arr.shape)}): cannot convert it to "
+                             f"{'/'.join(path)} ({e})") from None
         if layer is None:
             single[path] = a
+            names[path] = repr(name)
         else:
             stacked.setdefault(path, {})[layer] = a
+            stacked_names.setdefault(path, {})[layer] = name
     depth = {"visual": config.vision.depth, "language_model": config.text.num_hidden_layers}
     for path, layers in stacked.items():
         n = depth[path[0]]
@@ -198,7 +257,14 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: Qwen25VLConfig, dtype) 
         if missing or extra:
             raise ValueError(f"{'/'.join(path)}: checkpoint layers do not match config "
                              f"(missing {missing[:8]}, unexpected {extra[:8]}; config depth {n})")
+        bad = next((i for i in range(n) if layers[i].shape != layers[0].shape), None)
+        if bad is not None:
+            nb, n0 = stacked_names[path][bad], stacked_names[path][0]
+            raise ValueError(f"tensor {nb!r} has shape {tuple(tensors[nb].shape)} but {n0!r} has "
+                             f"{tuple(tensors[n0].shape)} (layer {bad} of {'/'.join(path)}); "
+                             "the checkpoint does not match its config")
         single[path] = np.stack([layers[i] for i in range(n)])
+        names[path] = f"{stacked_names[path][0]!r} (and the other layers)"
     return single
 
 
@@ -241,7 +307,12 @@ def from_pretrained(hf_dir: str, dtype=jnp.float32, param_dtype=None, attn_impl:
     abstract = nnx.eval_shape(lambda: Qwen25VL(config, dtype=dtype, param_dtype=param_dtype,
                                                 attn_impl=attn_impl, remat_policy=remat_policy))
     graphdef, state = nnx.split(abstract)
-    loaded = hf_to_params(read_checkpoint_tensors(hf_dir), config, param_dtype)
+    tensors = read_checkpoint_tensors(hf_dir)
+    names: dict = {}
+    try:
+        loaded = hf_to_params(tensors, config, param_dtype, names)
+    except ValueError as e:
+        raise ValueError(f"{hf_dir}: {e}") from None
     flat = dict(state.flat_state())
     new = {}
     for path, var in flat.items():
@@ -251,7 +322,8 @@ def from_pretrained(hf_dir: str, dtype=jnp.float32, param_dtype=None, attn_impl:
                              + (" (config says untied lm_head but lm_head.weight is missing)" if key == ("lm_head",) else ""))
         arr = loaded.pop(key)
         if tuple(arr.shape) != tuple(var.shape):
-            raise ValueError(f"{hf_dir}: weight {'/'.join(key)} has shape {arr.shape}, config implies {var.shape}")
+            raise ValueError(f"{hf_dir}: tensor {names.get(key, '?')} gives weight {'/'.join(key)} the shape "
+                             f"{arr.shape}, but config.json implies {var.shape}")
         new[path] = var.replace(jnp.asarray(arr))
     if loaded:
         raise ValueError(f"{hf_dir}: weights not used by the model: {sorted('/'.join(k) for k in loaded)[:8]}")
@@ -264,7 +336,7 @@ def save_pretrained(model, out_dir: str, dtype=None) -> None:
     tensors = params_to_hf(model)
     if dtype is not None:
         tensors = {k: v.astype(np.dtype(jnp.dtype(dtype))) for k, v in tensors.items()}
-    write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
+    write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, metadata=WRITER_METADATA)
     cfg = model.config.to_hf_dict()
     cfg["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
     atomic_write_json(os.path.join(out_dir, "config.json"), cfg, indent=2)
