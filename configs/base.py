@@ -78,6 +78,9 @@ def get_config():
     c.train.eval_batches = 0  # 0: the whole eval split
     c.train.save_every = 200
     c.train.keep_checkpoints = 3
+    # resume from this checkpoint step; 0: the newest one that restores (a corrupt newer one is skipped,
+    # logged). Steps newer than the one resumed from are moved to {workdir}/checkpoints_set_aside/
+    c.train.resume_step = 0
     c.train.async_checkpoint = True
     c.train.export = True  # write {workdir}/export (HF format + prm.json) at the end
     c.train.progress = True

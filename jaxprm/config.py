@@ -118,6 +118,7 @@ def validate_train_config(c) -> None:
     need(t.epochs > 0, f"train.epochs must be > 0, got {t.epochs}")
     need(len(t.class_weights) == 2 and min(t.class_weights) > 0, "train.class_weights must be two positive numbers (+, -)")
     need(t.lm_loss_weight >= 0, f"train.lm_loss_weight must be >= 0, got {t.lm_loss_weight}")
+    need(t.get("resume_step", 0) >= 0, f"train.resume_step must be >= 0 (0: the latest restorable step), got {t.get('resume_step')}")
     for k in ("log_every", "eval_every", "save_every"):
         need(getattr(t, k) > 0, f"train.{k} must be > 0")
     if not p.errors:

@@ -7,7 +7,10 @@ for ``jaxprm.load_prm``.
 
 Resuming: rerunning the same command with the same workdir continues from the latest checkpoint
 (model, optimizer, step and data position), so a killed or preempted run loses at most the steps
-since the last save; SIGTERM (TPU preemption) saves before exiting.
+since the last save. SIGTERM (TPU preemption) and SIGINT (Ctrl-C) finish the current step, save and
+exit with status 128 + the signal (143, 130), so schedulers can tell a stopped run from a finished
+one (0) and a failed one (1; 2 for config errors). A checkpoint that cannot be restored is skipped
+for the next older one (logged); ``--config.train.resume_step=N`` resumes from step N instead.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ from jaxprm.metrics import TrainMetrics, estimate_flops_per_token, fmt
 from jaxprm.train_step import init_train_state, jit_train_step, make_eval_step, make_train_step, split_params
 
 log = logging.getLogger("jaxprm.train")
+
+_SHOW_REASONS = 5  # skip reasons shown in the log (all kept ones go to the dataset's metadata.json)
 
 # the names users and tests import from here
 ConfigError = config.ConfigError
@@ -92,16 +97,27 @@ def prepare_data(c) -> str:
             tfds_builder.build_dataset({c.data.train_split: train, c.data.eval_split: evals}, data_dir,
                                        progress=c.train.progress)
         else:
-            from jaxprm.data.formats import read_records
+            from jaxprm.data.formats import ImportStats, read_records
             from jaxprm.data.labels import apply_label_rule
 
-            recs = read_records(c.data.records, format=c.data.format, image_root=c.data.image_root or None)
+            # malformed rows are skipped and counted (the README's rule), not fatal
+            stats = ImportStats()
+            recs = read_records(c.data.records, format=c.data.format, image_root=c.data.image_root or None,
+                                on_error="skip", stats=stats)
             if c.data.label_rule:
                 recs = (apply_label_rule(r, c.data.label_rule) for r in recs)
-            tfds_builder.build_dataset(list(recs), data_dir, image_root=c.data.image_root or None,
+            recs = list(recs)
+            if stats.skipped:
+                log.warning("%s: skipped %d of %d rows as malformed (kept %d); the first: %s%s", c.data.records,
+                            stats.skipped, stats.rows, len(recs), "; ".join(stats.errors[:_SHOW_REASONS]),
+                            " ..." if stats.skipped > _SHOW_REASONS else "")
+            tfds_builder.build_dataset(recs, data_dir, image_root=c.data.image_root or None,
                                        splits={c.data.train_split: 1 - c.data.val_fraction,
                                                c.data.eval_split: c.data.val_fraction} if c.data.val_fraction else None,
-                                       progress=c.train.progress)
+                                       progress=c.train.progress,
+                                       source_report={"path": os.fspath(c.data.records), "format": c.data.format,
+                                                      "rows": stats.rows, "skipped": stats.skipped,
+                                                      "reasons": list(stats.errors)})
     _sync("data built")
     return data_dir
 
@@ -140,15 +156,25 @@ def pipeline_config(c, *, train: bool, seed: int):
         label_mode=encode_mode(c.model.history, train=train))
 
 
+# exit status of ``python -m jaxprm.train`` when a signal stopped it after saving: 128 + the signal's
+# number, as a shell reports a process killed by it (130: SIGINT/Ctrl-C, 143: SIGTERM/preemption);
+# 0 means finished, 1 an error, 2 a config or usage error.
+def stopped_exit_status(signum: int) -> int:
+    return 128 + int(signum)
+
+
 class _Stop:
-    """SIGTERM/SIGINT -> finish the current step, save, exit."""
+    """SIGTERM/SIGINT -> finish the current step, save, exit; a second SIGINT interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
         self._old = {}
 
     def __enter__(self):
-        for s in (signal.SIGTERM,):
+        for s in self.SIGNALS:
             try:
                 self._old[s] = signal.signal(s, self._handle)
             except ValueError:  # not the main thread
@@ -156,8 +182,12 @@ class _Stop:
         return self
 
     def _handle(self, signum, frame):
-        log.warning("received signal %d: saving a checkpoint and stopping", signum)
+        if self.requested and signum == signal.SIGINT:  # Ctrl-C twice: the user does not want to wait
+            raise KeyboardInterrupt
+        log.warning("received %s: saving a checkpoint and stopping after this step (Ctrl-C again to "
+                    "interrupt at once)", signal.Signals(signum).name)
         self.requested = True
+        self.signum = int(signum)
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -234,16 +264,17 @@ def train(c, *, step_hook=None) -> dict:
     state, state_sh = init_train_state(trainable, frozen, optimizer, mesh)
 
     # -- resume ---------------------------------------------------------------------------------------
-    mngr = ckpt.checkpoint_manager(c.workdir, max_to_keep=c.train.keep_checkpoints,
-                                   async_save=c.train.async_checkpoint)
+    def open_mngr():
+        return ckpt.checkpoint_manager(c.workdir, max_to_keep=c.train.keep_checkpoints,
+                                       async_save=c.train.async_checkpoint)
+
+    mngr = open_mngr()
     train_iter = iter(train_loader)
     start = 0
-    latest = mngr.latest_step()
     export_dir = os.path.join(c.workdir, "export")
-    if latest is not None:
-        state, data_state = ckpt.restore_train_state(mngr, latest, state, graphdef=graphdef,
-                                                     freeze_vision=c.model.freeze_vision,
-                                                     step_sharding=state_sh["step"])
+    restored = _resume(c, mngr, state, graphdef=graphdef, step_sharding=state_sh["step"], reopen=open_mngr)
+    if restored is not None:
+        latest, state, data_state, mngr = restored
         train_iter.set_state(data_state)
         start = int(latest)
         if start >= total_steps:
@@ -291,7 +322,9 @@ def train(c, *, step_hook=None) -> dict:
                 bar.update(1)
             if step_hook is not None:
                 step_hook(step)
-            if stop.requested or mngr.reached_preemption(step):
+            if not stop.requested and mngr.reached_preemption(step):  # another host got the signal
+                stop.requested, stop.signum = True, int(signal.SIGTERM)
+            if stop.requested:
                 save(step, force=True)
                 mngr.wait_until_finished()
                 log.warning("stopped at step %d; rerun the same command to resume", step)
@@ -305,6 +338,8 @@ def train(c, *, step_hook=None) -> dict:
     final["step"] = step
     final["skipped_records"] = int(getattr(getattr(train_iter, "stats", None), "skipped", 0) or 0)
     final["stopped"] = stop.requested
+    if stop.requested:
+        final["signal"] = stop.signum
     if step == 0:
         metrics_log.close()
         raise TrainingError(
@@ -318,6 +353,78 @@ def train(c, *, step_hook=None) -> dict:
             run_eval(step)
     metrics_log.close()
     return final
+
+
+SET_ASIDE = "checkpoints_set_aside"  # {workdir}/SET_ASIDE/<step>: steps a resume could not or did not use
+
+
+def _resume(c, mngr, state, *, graphdef, step_sharding, reopen):
+    """``(step, state, data_state, mngr)`` of the checkpoint to resume from, or ``None`` for a fresh run.
+
+    ``train.resume_step`` = 0: the newest step that restores; a step that does not (a corrupt or
+    half-deleted directory) is logged with the reason and the next older one is tried. > 0: that
+    step, or an error naming the steps there are. ``mngr`` is the manager to go on with. Newer steps than the one resumed from are moved
+    to ``{workdir}/checkpoints_set_aside/`` (kept for inspection; the resumed run re-saves them).
+    """
+    want = int(c.train.get("resume_step", 0) or 0)
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+        if want:
+            raise TrainingError(f"train.resume_step={want}: {c.workdir} has no checkpoints")
+        return None
+    if want:
+        if want not in steps:
+            raise TrainingError(f"train.resume_step={want}: no such checkpoint in "
+                                f"{os.path.join(c.workdir, ckpt.CHECKPOINTS)} (steps: {sorted(steps)})")
+        candidates = [want]
+    else:
+        candidates = steps
+    failed: dict[int, str] = {}
+    for step in candidates:
+        try:
+            new_state, data_state = ckpt.restore_train_state(mngr, step, state, graphdef=graphdef,
+                                                             freeze_vision=c.model.freeze_vision,
+                                                             step_sharding=step_sharding)
+        except Exception as e:  # noqa: BLE001 - Orbax/tensorstore/JSON errors alike: the step is unusable
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            failed[step] = reason
+            log.warning("checkpoint step %d in %s cannot be restored (%s)%s", step,
+                        os.path.join(c.workdir, ckpt.CHECKPOINTS), reason,
+                        "" if want else "; trying the next older step")
+            continue
+        if failed or step != steps[0]:
+            log.warning("resuming from step %d, not the newest step %d%s", step, steps[0],
+                        f" (unrestorable: {', '.join(map(str, failed))})" if failed else
+                        f" (train.resume_step={want})")
+        newer = [s for s in steps if s > step]
+        if newer:
+            _set_aside(c.workdir, mngr, newer, failed)
+            mngr = reopen()  # a manager that no longer lists them
+        return step, new_state, data_state, mngr
+    raise TrainingError(f"no checkpoint in {os.path.join(c.workdir, ckpt.CHECKPOINTS)} can be restored: "
+                        + "; ".join(f"step {s}: {r}" for s, r in failed.items())
+                        + ". Move them away (or use a new workdir) to start from scratch.")
+
+
+def _set_aside(workdir: str, mngr, steps, failed: dict) -> None:
+    """Move checkpoint ``steps`` out of the manager's directory (so the resumed run can save them
+    again); closes ``mngr``."""
+    mngr.wait_until_finished()
+    mngr.close()
+    if jax.process_index() == 0:
+        import time
+
+        dest_root = os.path.join(workdir, SET_ASIDE)
+        os.makedirs(dest_root, exist_ok=True)
+        for step in steps:
+            src = os.path.join(os.fspath(mngr.directory), str(step))
+            if not os.path.isdir(src):  # a non-default step name format: let Orbax remove nothing
+                continue
+            dest = os.path.join(dest_root, f"{step}-{'unrestorable' if step in failed else 'newer'}-{int(time.time())}")
+            os.replace(src, dest)
+            log.warning("moved checkpoint step %d to %s (%s)", step, dest,
+                        failed.get(step, "newer than the step resumed from"))
+    _sync("checkpoints set aside")
 
 
 def _export(graphdef, state, tok, ip, export_dir) -> None:
@@ -458,6 +565,8 @@ def main(argv=None):
             print(e, file=sys.stderr)
             sys.exit(2)
         print("final: " + fmt({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
+        if metrics.get("stopped"):  # saved, not finished: tell schedulers apart from success and errors
+            sys.exit(stopped_exit_status(metrics.get("signal") or signal.SIGTERM))
 
     app.run(run, argv=argv, flags_parser=lambda a: config.parse_flags(a, prog="python -m jaxprm.train"))
 

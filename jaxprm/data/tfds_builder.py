@@ -496,6 +496,7 @@ def build_dataset(
     overwrite: bool = False,
     progress: bool = True,
     description: str | None = None,
+    source_report: Mapping[str, Any] | None = None,
 ) -> BuildResult:
     """Write ``records`` as the TFDS dataset ``{data_dir}/{name}/{version}`` (ArrayRecord files).
 
@@ -504,6 +505,9 @@ def build_dataset(
     splits: ``{split: fraction}`` (fractions summing to 1) to divide one source by a hash of the
       record id; default ``{"train": 1.0}``. ``val_fraction=f`` is short for
       ``{"train": 1 - f, "validation": f}``.
+    source_report: what reading the source dropped before it got here (e.g. ``{"path", "format",
+      "rows", "skipped", "reasons"}`` from an importer's ``ImportStats``), stored as is under
+      ``"source"`` in ``metadata.json`` so that the dataset says every skip that went into it.
     Returns a :class:`BuildResult` (path-like: the dataset directory) with per-split example and
     skip counts; the same report is stored in the dataset's ``metadata.json``.
     """
@@ -544,6 +548,7 @@ def build_dataset(
             "split_fractions": None if fractions is None else dict(fractions),
             "split_seed": int(split_seed),
             "validated": bool(validate),
+            **({"source": dict(source_report)} if source_report is not None else {}),
         })
 
     # metadata.json is written with dataset_info.json after the last split, so the last split's
