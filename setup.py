@@ -28,7 +28,10 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "tqdm>=4.66",
-        "openai>=1.40",  # OpenAI-compatible policy / judge client (jaxprm.search.openai_client)
+        # OpenAI-compatible policy / judge client (jaxprm.search.openai_client); its request deadline hooks
+        # into the httpcore2 transport of the httpx2-based openai releases
+        "openai>=3.57",
+        "httpcore2>=2.16",
         "pyarrow>=15",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
