@@ -15,6 +15,7 @@ for the next older one (logged); ``--config.train.resume_step=N`` resumes from s
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxprm import checkpointing as ckpt
+from jaxprm.atomic import atomic_write_json
 from jaxprm import config
 from jaxprm import sharding as shd
 from jaxprm.metrics import TrainMetrics, estimate_flops_per_token, fmt
@@ -351,10 +353,14 @@ def train(c, *, step_hook=None) -> dict:
             _export(graphdef, state, tok, ip, export_dir)
         if has_eval and step > start:
             run_eval(step)
+        if jax.process_index() == 0:  # what a rerun of the finished workdir reports
+            atomic_write_json(os.path.join(c.workdir, FINAL_METRICS),
+                              {k: v for k, v in final.items() if isinstance(v, (int, float))}, indent=2)
     metrics_log.close()
     return final
 
 
+FINAL_METRICS = "final_metrics.json"  # {workdir}/FINAL_METRICS: the finished run's last metrics
 SET_ASIDE = "checkpoints_set_aside"  # {workdir}/SET_ASIDE/<step>: steps a resume could not or did not use
 
 
@@ -437,6 +443,11 @@ def _already_done(c, mngr, step, graphdef, state, tok, ip, export_dir) -> dict:
     """A rerun of a finished workdir: say so, write the export if a kill came before it, change nothing else."""
     meta = ckpt.restore_meta(mngr, step)
     mngr.close()
+    try:  # the final metrics (with the final eval, which runs after the last checkpoint)
+        with open(os.path.join(c.workdir, FINAL_METRICS)) as f:
+            meta = {"metrics": json.load(f)}
+    except (OSError, ValueError):
+        pass
     if c.train.export and jax.process_index() == 0 and not os.path.exists(os.path.join(export_dir, "prm.json")):
         _export(graphdef, state, tok, ip, export_dir)
     log.info("%s already finished %d steps; nothing to do (use a new workdir or raise train.epochs / "

@@ -372,6 +372,8 @@ def test_rerun_of_a_finished_workdir_says_done(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="jaxprm.train"):
         m = train_(c)
     assert m["already_done"] and m["step"] == 2
+    first = json.load(open(os.path.join(c.workdir, "final_metrics.json")))
+    assert {k: m[k] for k in first} == first and "eval/macro_f1" in first  # the final eval, not an older one
     assert any("already finished 2 steps" in r.getMessage() for r in caplog.records)
     assert not any("resumed" in r.getMessage() for r in caplog.records)
     assert sorted(os.listdir(os.path.join(c.workdir, "events"))) == events  # no new events file
