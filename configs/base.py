@@ -33,6 +33,7 @@ def get_config():
     c.data.format = "jsonl"  # source=records: jsonl | vlprm300k | vlprm300k_train | visualprm400k | ...
     c.data.label_rule = ""  # source=records: relabel with a rule of jaxprm.data.labels ("" keeps the file's labels)
     c.data.image_root = ""
+    c.data.allow_images_outside_root = False  # True follows image paths outside image_root (../, absolute)
     c.data.val_fraction = 0.02  # source=records: held-out share (by record id hash)
     c.data.synthetic_train = 2000  # source=synthetic: number of generated puzzles
     c.data.synthetic_eval = 200

@@ -105,6 +105,8 @@ def validate_train_config(c) -> None:
     if d.source == "tfds":
         need(bool(d.data_dir), "data.source='tfds' needs --config.data.data_dir=DIR (a dataset written by jaxprm.data.tfds_builder)")
     p.choice("data.label_rule", d.label_rule, ("", *LABEL_RULES))
+    need(isinstance(d.allow_images_outside_root, bool),
+         f"data.allow_images_outside_root must be True or False, got {d.allow_images_outside_root!r}")
     need(0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     need(0 <= o.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")

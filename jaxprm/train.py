@@ -105,7 +105,7 @@ def prepare_data(c) -> str:
             # malformed rows are skipped and counted (the README's rule), not fatal
             stats = ImportStats()
             recs = read_records(c.data.records, format=c.data.format, image_root=c.data.image_root or None,
-                                on_error="skip", stats=stats)
+                                allow_outside_root=c.data.allow_images_outside_root, on_error="skip", stats=stats)
             if c.data.label_rule:
                 recs = (apply_label_rule(r, c.data.label_rule) for r in recs)
             recs = list(recs)
@@ -114,6 +114,7 @@ def prepare_data(c) -> str:
                             stats.skipped, stats.rows, len(recs), "; ".join(stats.errors[:_SHOW_REASONS]),
                             " ..." if stats.skipped > _SHOW_REASONS else "")
             tfds_builder.build_dataset(recs, data_dir, image_root=c.data.image_root or None,
+                                       allow_images_outside_root=c.data.allow_images_outside_root,
                                        splits={c.data.train_split: 1 - c.data.val_fraction,
                                                c.data.eval_split: c.data.val_fraction} if c.data.val_fraction else None,
                                        progress=c.train.progress,

@@ -53,6 +53,7 @@ from jaxprm.atomic import atomic_write_json
 from jaxprm.eval import answers as ans_lib
 from jaxprm.eval import bon_curve as bon_lib
 from jaxprm.eval import step_f1 as f1_lib
+from jaxprm.data.formats._common import ImagePathError, resolve_image
 from jaxprm.data.jsonl import BadLine, iter_jsonl
 from jaxprm.reporting import format_table
 
@@ -365,7 +366,8 @@ def _bon_table(res: dict) -> str:
 def cmd_bon(args, prm=None, policy=None) -> dict:
     if args.max_n < 1 or (args.n_samples is not None and args.n_samples < 1):
         raise InputError("--max-n and --n-samples must be >= 1")
-    problems = ans_lib.load_benchmark_jsonl(args.data, args.format, args.image_root)
+    problems = ans_lib.load_benchmark_jsonl(args.data, args.format, args.image_root,
+                                            allow_outside_root=args.allow_images_outside_root)
     if args.limit:
         problems = problems[: args.limit]
     if not problems:
@@ -446,23 +448,26 @@ def _vpb_lines(path: str) -> list[int]:
         return [i for i, line in enumerate(f, 1) if line.strip()]
 
 
-def _vpb_images(row: dict, image_root: str, where: str) -> list:
+def _vpb_images(row: dict, image_root: str, where: str, allow_outside_root: bool = False) -> list:
     imgs = row.get("image", row.get("images")) or []
     if isinstance(imgs, str):
         imgs = [imgs]
     if not isinstance(imgs, list):
         raise InputError(f"{where}: 'image' must be a path or a list of paths, got {type(imgs).__name__}")
-    return [im if (not isinstance(im, str) or os.path.isabs(im) or im.startswith("data:")) else
-            os.path.join(image_root, im) for im in imgs]
+    try:  # one rule for image paths (formats.resolve_image): outside image_root is refused unless allowed
+        return [im if (not isinstance(im, str) or im.startswith("data:")) else
+                resolve_image(im, image_root, allow_outside_root) for im in imgs]
+    except ImagePathError as e:
+        raise InputError(f"{where}: {e}") from None
 
 
 def evaluate_vpb(prm, rows: list[dict], *, image_root: str, threshold: float = 0.5, batch_size: int = 8,
-                 progress: bool = True, where: Sequence[str] | None = None) -> tuple[dict, list[np.ndarray]]:
+                 progress: bool = True, where: Sequence[str] | None = None, allow_outside_root: bool = False) -> tuple[dict, list[np.ndarray]]:
     """(``step_f1`` result, per-row step scores) for VisualProcessBench rows."""
     items = []
     for i, row in enumerate(rows):
         w = where[i] if where else f"row {i}"
-        imgs = _vpb_images(row, image_root, w)
+        imgs = _vpb_images(row, image_root, w, allow_outside_root)
         _check_images(imgs, w)
         steps = row["response"]["steps"]
         if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
@@ -487,11 +492,13 @@ def cmd_vpb(args, prm=None) -> dict:
         raise InputError(f"{args.data}: no rows")
     root = args.image_root or os.path.dirname(os.path.abspath(args.data))
     where = [f"{args.data}:{ln}" for ln in lines[: len(rows)]]
-    keep, skipped = _usable_rows(where, lambda i: _vpb_images(rows[i], root, where[i]), args.strict, args.data, "rows")
+    keep, skipped = _usable_rows(where, lambda i: _vpb_images(rows[i], root, where[i], args.allow_images_outside_root),
+                                 args.strict, args.data, "rows")
     rows, where = [rows[i] for i in keep], [where[i] for i in keep]
     prm = prm if prm is not None else load_prm(args.prm)
     res, scores = evaluate_vpb(prm, rows, image_root=root, threshold=args.threshold, batch_size=args.batch_size,
-                               progress=not args.no_progress, where=where)
+                               progress=not args.no_progress, where=where,
+                               allow_outside_root=args.allow_images_outside_root)
     res.update({"data": args.data, "prm": args.prm, "skipped": _skipped_summary(skipped)})
     if skipped:
         print(f"skipped {len(skipped)} row(s) whose images cannot be scored (see 'skipped' in vpb_results.json)",
@@ -676,6 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--prm", required=prm_required, help="PRM dir (training workdir, exported or HF dir)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    def image_root(p, default_help):
+        p.add_argument("--image-root", default=None, help=default_help)
+        p.add_argument("--allow-images-outside-root", action="store_true",
+                       help="follow image paths that resolve outside the image root (../, absolute paths); "
+                            "by default such a path is refused, naming file:line and the path")
+
     def strict(p):
         p.add_argument("--strict", action="store_true",
                        help="stop (exit 2) at the first row whose images cannot be scored, instead of skipping it "
@@ -685,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(b)
     b.add_argument("--data", required=True, help="benchmark jsonl")
     b.add_argument("--format", default="generic", choices=ans_lib.FORMATS)
-    b.add_argument("--image-root", default=None, help="resolve relative image paths here (default: the jsonl's dir)")
+    image_root(b, "resolve relative image paths here (default: the jsonl's dir)")
     b.add_argument("--candidates", default=None, help="candidates jsonl (default DIR/candidates.jsonl)")
     b.add_argument("--max-n", type=int, default=64)
     b.add_argument("--aggregate", default=DEFAULT_AGGREGATIONS,
@@ -712,7 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("vpb", help="VisualProcessBench step macro-F1")
     common(v)
     v.add_argument("--data", required=True, help="VisualProcessBench test.jsonl")
-    v.add_argument("--image-root", default=None, help="default: the jsonl's directory")
+    image_root(v, "default: the jsonl's directory")
     v.add_argument("--out", required=True)
     v.add_argument("--threshold", type=float, default=0.5)
     v.add_argument("--batch-size", type=int, default=8)

@@ -10,6 +10,12 @@ the field's type (bool: true/false/1/0; int; float; str as is; tuple: a Python l
 
     python -m jaxprm.synth --config configs/synth_tiny.py --config.num_questions=50 \\
         --config.judge.noise 0.3 --config.policy.kind=scripted --out /tmp/synth
+
+Time bounds of the OpenAI-compatible clients: ``deadline`` caps one request over all its retries and
+backoff (``timeout`` caps one attempt, ``max_retries`` counts retries, whichever ends first wins).
+With the defaults one policy request takes at most ``policy.deadline`` = 600 s, and one judged
+rollout at most ``judge.max_attempts`` x ``judge.deadline`` = 3 x 180 s = 9 minutes (client-side
+rate limiting, ``max_requests_per_second``, may add its wait on top).
 """
 from __future__ import annotations
 
@@ -48,6 +54,7 @@ def base_config() -> ConfigDict:
         "n_per_request": 0,  # 0: all K continuations of a prefix in one request
         "max_workers": 16, "prefix_mode": "continue_final_message", "send_seed": False,
         "timeout": 120.0, "max_retries": 5,  # openai's per-attempt timeout and retries (backoff: openai's)
+        "deadline": 600.0,  # seconds one request may take over all its attempts (OpenAIChatClient(deadline=))
         "max_requests_per_second": 0.0,  # 0: no client-side limit
         "price_per_1k_prompt": 0.0, "price_per_1k_completion": 0.0, "extra_json": "",
     })
@@ -60,6 +67,7 @@ def base_config() -> ConfigDict:
         "max_tokens": 0,  # 0: not sent
         "max_attempts": 3, "include_answer": True,
         "timeout": 300.0, "max_retries": 6,
+        "deadline": 180.0,  # seconds one judge request may take over all its retries: 3 attempts x 180 s = 9 min
         "max_requests_per_second": 0.0,
         "price_per_1k_prompt": 0.0011, "price_per_1k_completion": 0.0044,  # o4-mini list price, USD
         "extra_json": "", "max_workers": 4, "keep_raw_chars": 2000,
@@ -100,6 +108,10 @@ def validate_synth_config(c) -> None:
                 run.parse_extra_json(sub.extra_json)
             except ValueError as e:
                 p.errors.append(f"{part}.extra_json: {e}")
+            for field in ("timeout", "deadline"):
+                v = sub.get(field)
+                p.need(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                       f"{part}.{field} must be a number of seconds > 0, got {v!r}")
     if c.policy.kind == "openai":
         p.choice("policy.prefix_mode", c.policy.prefix_mode, PREFIX_MODES)
     p.choice("labels.primary", c.labels.primary, fuse.RULES)

@@ -91,7 +91,7 @@ def make_client(c: ConfigDict, default_key_env: str):
     rps = float(c.get("max_requests_per_second") or 0.0)
     return OpenAIChatClient(
         c.base_url, c.model, api_key=api_key, timeout=float(c.timeout), max_retries=int(c.max_retries),
-        max_requests_per_second=rps if rps > 0 else None, price_per_1k=price,
+        deadline=float(c.deadline), max_requests_per_second=rps if rps > 0 else None, price_per_1k=price,
     )
 
 

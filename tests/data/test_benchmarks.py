@@ -32,7 +32,7 @@ def test_load_mmmu(tmp_path):
         {"id": "validation_Math_2", "question": "Solve", "options": "[]", "answer": "['24/7', '3.429']", "question_type": "open", "image_1": {"bytes": None, "path": "/abs/b.png"}},
         {"index": 7, "question": "VLMEvalKit TSV style", "A": "cat", "B": "dog", "answer": "B", "image_path": "c.jpg"},
     ]
-    out = load_benchmark_jsonl(_write(tmp_path, "mmmu.jsonl", rows), format="mmmu")
+    out = load_benchmark_jsonl(_write(tmp_path, "mmmu.jsonl", rows), format="mmmu", allow_outside_root=True)  # "/abs/b.png" lies outside the root
     assert out[0]["id"] == "validation_Accounting_1"
     assert out[0]["choices"] == ["$6", "$7", "$8", "$9"]
     assert out[0]["answer"] == "B" and out[0]["answer_letter"] == "B"

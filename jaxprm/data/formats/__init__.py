@@ -48,6 +48,7 @@ def read_jsonl(
     on_error: str = "raise",
     stats: ImportStats | None = None,
     check_images: bool | None = None,
+    allow_outside_root: bool = False,
 ) -> Iterator[Record]:
     """Read records written by ``write_jsonl`` (one ``Record.to_dict()`` per line). Labels are kept
     unless ``label_rule`` is given; relative image paths are joined onto ``image_root`` if given."""
@@ -58,7 +59,7 @@ def read_jsonl(
         return label_fn(rec) if label_fn else rec
 
     return run_import(path, convert, on_error=on_error, stats=stats, image_root=image_root,
-                      check_images=check_images)
+                      check_images=check_images, allow_outside_root=allow_outside_root)
 
 
 def write_jsonl(records: Iterable[Record], path: str | os.PathLike) -> int:
@@ -102,7 +103,8 @@ def get_reader(format: str) -> Callable[..., Iterator[Record]]:
 
 def read_records(path: str | os.PathLike, format: str = "jsonl", **kwargs: Any) -> Iterator[Record]:
     """Read ``path`` with the reader registered for ``format``; ``kwargs`` go to that reader
-    (``image_root``, ``label_rule``, ``label_kw``, ``on_error``, ``stats``, ...)."""
+    (``image_root``, ``allow_outside_root``, ``label_rule``, ``label_kw``, ``on_error``, ``stats``, ...).
+    An image path that resolves outside ``image_root`` is a bad row unless ``allow_outside_root``."""
     return get_reader(format)(path, **kwargs)
 
 

@@ -216,13 +216,13 @@ class ImagePathError(ValueError):
 
 def resolve_image(im: Any, image_root: str | os.PathLike | None, allow_outside_root: bool = False) -> Any:
     """Join a relative path onto ``image_root``; bytes and URLs pass through, as does every path
-    when ``image_root`` is None. With a root, the path is resolved (``..`` and symlinks) and one
-    outside the root (``../x.png``, ``/etc/x.png``) raises ``ImagePathError`` naming it, unless
+    when ``image_root`` is None. With a root, the result is absolute, the path is resolved (``..``
+    and symlinks) and one outside the root (``../x.png``, ``/etc/x.png``) raises ``ImagePathError`` naming it, unless
     ``allow_outside_root``."""
     if not isinstance(im, str) or image_root is None or _URL_RE.match(im):
         return im
     root = os.fspath(image_root)
-    path = im if os.path.isabs(im) else os.path.join(root, im)
+    path = os.path.abspath(os.path.join(root, im))  # absolute: resolving the result again is a no-op
     if allow_outside_root:
         return path
     real_root = os.path.realpath(root)

@@ -16,6 +16,7 @@ import os
 from typing import Any, Iterable
 
 from jaxprm.data.answers import LETTERS, _fmt_number, _letter_of
+from jaxprm.data.formats._common import ImagePathError, resolve_image
 from jaxprm.data.jsonl import BadLine, iter_jsonl
 
 __all__ = ["BenchmarkFormatError", "FORMATS", "FORMAT_FIELDS", "load_benchmark_jsonl"]
@@ -83,7 +84,7 @@ def _is_missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
 
 
-def _resolve_image(v: Any, root: str | None, where: str) -> str | bytes | None:
+def _resolve_image(v: Any, root: str | None, where: str, allow_outside_root: bool = False) -> str | bytes | None:
     if _is_missing(v):
         return None
     if isinstance(v, dict):  # HF datasets image export {"bytes": ..., "path": ...}
@@ -100,9 +101,12 @@ def _resolve_image(v: Any, root: str | None, where: str) -> str | bytes | None:
             return None
     if not isinstance(v, str):
         raise BenchmarkFormatError(f"{where}: image must be a path string or {{bytes, path}} dict, got {type(v).__name__}")
-    if v.startswith("data:") or os.path.isabs(v) or root is None or "://" in v:
+    if v.startswith("data:"):
         return v
-    return os.path.normpath(os.path.join(root, v))
+    try:
+        return resolve_image(v, root, allow_outside_root)
+    except ImagePathError as e:
+        raise BenchmarkFormatError(f"{where}: {e}") from None
 
 
 def _first(row: dict, keys: Iterable[str]) -> Any:
@@ -128,7 +132,8 @@ def _answer_letter(answer: Any, choices: list[str] | None) -> str | None:
     return _letter_of(str(answer), choices, prefer_text=True)
 
 
-def _convert(row: dict, fmt: str, root: str | None, where: str, default_id: str) -> dict:
+def _convert(row: dict, fmt: str, root: str | None, where: str, default_id: str,
+             allow_outside_root: bool = False) -> dict:
     if not isinstance(row, dict):
         raise BenchmarkFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
     spec = FORMAT_FIELDS[fmt]
@@ -187,7 +192,7 @@ def _convert(row: dict, fmt: str, root: str | None, where: str, default_id: str)
         imgs = _first(row, ("images", "image"))
         images_raw = imgs if isinstance(imgs, list) else [imgs]
 
-    images = [im for im in (_resolve_image(x, root, where) for x in images_raw) if im is not None]
+    images = [im for im in (_resolve_image(x, root, where, allow_outside_root) for x in images_raw) if im is not None]
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         answer = _fmt_number(float(answer))
     elif not isinstance(answer, list):
@@ -208,12 +213,15 @@ def _convert(row: dict, fmt: str, root: str | None, where: str, default_id: str)
     }
 
 
-def load_benchmark_jsonl(path: str, format: str = "generic", image_root: str | None = None) -> list[dict]:
+def load_benchmark_jsonl(path: str, format: str = "generic", image_root: str | None = None,
+                         allow_outside_root: bool = False) -> list[dict]:
     """Load a benchmark jsonl into dicts ``{id, question, answer, choices, answer_letter, images,
     image, source, meta}``.
 
     ``images`` holds paths (relative paths are resolved against ``image_root``, default the jsonl's
-    directory), data URLs, or bytes (from ``{"bytes": ...}`` HF exports); ``image`` is the first or
+    directory; one that resolves outside that folder, e.g. ``../x.png`` or ``/etc/x.png``, is a
+    ``BenchmarkFormatError`` naming ``file:line`` and the path unless ``allow_outside_root``), data
+    URLs, or bytes (from ``{"bytes": ...}`` HF exports); ``image`` is the first or
     None. ``answer`` is kept as the dataset writes it (a letter or option text; a list for MMMU
     open questions with several accepted answers); ``answer_letter`` is its option letter when
     there are choices. Blank lines are skipped.
@@ -240,5 +248,5 @@ def load_benchmark_jsonl(path: str, format: str = "generic", image_root: str | N
     for where, row in iter_jsonl(path):
         if isinstance(row, BadLine):
             raise BenchmarkFormatError(row.message)
-        out.append(_convert(row, format, root, where, f"{stem}-{where.rsplit(':', 1)[1]}"))
+        out.append(_convert(row, format, root, where, f"{stem}-{where.rsplit(':', 1)[1]}", allow_outside_root))
     return out

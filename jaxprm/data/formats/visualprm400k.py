@@ -140,6 +140,7 @@ def read_visualprm400k(
     on_error: str = "raise",
     stats: ImportStats | None = None,
     check_images: bool | None = None,
+    allow_outside_root: bool = False,
 ) -> Iterator[Record]:
     """Read VisualPRM400K conversation and/or raw-MC rows (a JSONL/Parquet file or a directory).
 
@@ -152,7 +153,7 @@ def read_visualprm400k(
         return _to_record(row, where, mc_total=mc_total, label_fn=label_fn)
 
     return run_import(path, convert, on_error=on_error, stats=stats, image_root=image_root,
-                      check_images=check_images)
+                      check_images=check_images, allow_outside_root=allow_outside_root)
 
 
 __all__ = ["read_visualprm400k"]

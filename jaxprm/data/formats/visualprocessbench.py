@@ -108,6 +108,7 @@ def read_visualprocessbench(
     on_error: str = "raise",
     stats: ImportStats | None = None,
     check_images: bool | None = None,
+    allow_outside_root: bool = False,
 ) -> Iterator[Record]:
     """Read VisualProcessBench JSONL (or Parquet) rows with their human step labels.
 
@@ -120,7 +121,7 @@ def read_visualprocessbench(
         return _to_record(row, where, neutral_label=neutral_label, neutral=neutral, label_fn=label_fn)
 
     return run_import(path, convert, on_error=on_error, stats=stats, image_root=image_root,
-                      check_images=check_images)
+                      check_images=check_images, allow_outside_root=allow_outside_root)
 
 
 def read_visualprocessbench_rows(path: str | os.PathLike) -> list[dict]:

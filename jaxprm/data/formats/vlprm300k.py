@@ -231,6 +231,7 @@ def read_vlprm300k(
     on_error: str = "raise",
     stats: ImportStats | None = None,
     check_images: bool | None = None,
+    allow_outside_root: bool = False,
 ) -> Iterator[Record]:
     """Read raw VL-PRM300K rows (Parquet, JSONL or JSON; a file or a directory of them).
 
@@ -248,7 +249,7 @@ def read_vlprm300k(
                               unknown_kind=unknown_kind, label_fn=label_fn)
 
     return run_import(path, convert, on_error=on_error, stats=stats, image_root=image_root,
-                      check_images=check_images)
+                      check_images=check_images, allow_outside_root=allow_outside_root)
 
 
 # -- training (chat messages) ----------------------------------------------------------------------------
@@ -294,6 +295,7 @@ def read_vlprm300k_train(
     on_error: str = "raise",
     stats: ImportStats | None = None,
     check_images: bool | None = None,
+    allow_outside_root: bool = False,
 ) -> Iterator[Record]:
     """Read VL-PRM300K-train rows (``image`` + chat ``messages``). Labels come from the ``+``/``-``
     assistant turns unless ``label_rule`` is given (the rows carry no MC counts or judge fields, so
@@ -305,7 +307,7 @@ def read_vlprm300k_train(
         return _train_to_record(row, where, unknown_kind=unknown_kind, label_fn=label_fn)
 
     return run_import(path, convert, on_error=on_error, stats=stats, image_root=image_root,
-                      check_images=check_images)
+                      check_images=check_images, allow_outside_root=allow_outside_root)
 
 
 __all__ = ["read_vlprm300k", "read_vlprm300k_train"]
