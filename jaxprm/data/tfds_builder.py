@@ -24,7 +24,8 @@ Building (:func:`build_dataset`):
   ``split_seed``: stable across rebuilds and independent of record order (so a small split may be a
   little larger or smaller than its fraction, and can be empty for tiny datasets).
 * every record is validated (``Record.validate``; image paths are read into bytes, relative ones
-  resolved against ``image_root`` or the jsonl file's folder; each image must decode with Pillow;
+  resolved against ``image_root`` or the jsonl file's folder, and one outside that folder (``../``,
+  an absolute path) refused unless ``allow_images_outside_root``; each image must decode with Pillow;
   ids must be unique). A bad record is skipped: one ``logging.warning`` line naming its id and
   where it came from (``file.jsonl:17`` or ``records[17]``) and the reason, and it is counted in
   the returned :class:`BuildResult` and in ``metadata.json``. ``validate=False`` skips these checks
@@ -34,6 +35,11 @@ Building (:func:`build_dataset`):
   renamed into place only when every split is complete, so an interrupted build leaves no
   half-written dataset (the leftover temporary folder is removed by the next build).
   An existing dataset of the same name/version raises ``FileExistsError`` unless ``overwrite=True``.
+* one build at a time per ``{data_dir}/{name}``: a build holds an exclusive ``flock`` on
+  ``{data_dir}/{name}/.build.lock`` throughout; a second, concurrent build waits for it, then
+  returns the dataset the first one finished (or rebuilds it with ``overwrite=True``). Temporary
+  folders are named ``.building-{pid}-{random}``, and a build removes only those whose pid is no
+  longer alive.
 
 Why a custom builder instead of ``tfds.dataset_builders.store_as_tfds_dataset``: in TFDS 4.9.10 the
 ad-hoc builder probes ``isinstance(x, tf.data.Dataset)`` (importing TensorFlow) and its
@@ -303,16 +309,21 @@ def check_image_bytes(data: bytes) -> tuple[int, int]:
     return w, h
 
 
-def _resolve_images(rec: Record, image_root: str | None, base_dir: str | None, validate: bool) -> list[bytes]:
+def _resolve_images(rec: Record, image_root: str | None, base_dir: str | None, validate: bool,
+                    allow_outside_root: bool = False) -> list[bytes]:
+    """The image bytes of ``rec``. Paths go through ``formats.resolve_image`` with ``image_root``
+    (default: the jsonl file's folder), so one outside it is refused unless ``allow_outside_root``."""
+    from jaxprm.data.formats._common import resolve_image
+
+    root = image_root or base_dir
     out = []
     for i, im in enumerate(rec.images):
         if isinstance(im, (bytes, bytearray)):
             data = bytes(im)
         elif isinstance(im, (str, os.PathLike)):
             p = os.fspath(im)
-            cands = [p] if os.path.isabs(p) else [os.path.join(r, p) for r in (image_root, base_dir) if r] + [p]
-            path = next((c for c in cands if os.path.isfile(c)), None)
-            if path is None:
+            path = resolve_image(p, root, allow_outside_root)  # ImagePathError (a ValueError): a counted skip
+            if not os.path.isfile(path):
                 raise ValueError(f"images[{i}]: image file not found: {p!r}")
             with open(path, "rb") as fh:
                 data = fh.read()
@@ -360,9 +371,11 @@ def _builder_class():
 class _SplitWriter:
     """Yields the TFDS examples of one split, skipping (and reporting) bad records."""
 
-    def __init__(self, split, source, fractions, split_seed, image_root, validate, progress, report, seen_ids):
+    def __init__(self, split, source, fractions, split_seed, image_root, validate, progress, report, seen_ids,
+                 allow_outside_root=False):
         self.split, self.source, self.fractions, self.split_seed = split, source, fractions, split_seed
         self.image_root, self.validate, self.progress = image_root, validate, progress
+        self.allow_outside_root = allow_outside_root
         self.report, self.seen_ids = report, seen_ids
 
     def _skip(self, item: _Item, reason: str) -> None:
@@ -401,7 +414,8 @@ class _SplitWriter:
                         self._skip(item, f"duplicate id (first seen at {self.seen_ids[rec.id]})")
                         continue
                 try:
-                    images = _resolve_images(rec, self.image_root, item.base_dir, self.validate)
+                    images = _resolve_images(rec, self.image_root, item.base_dir, self.validate,
+                                             self.allow_outside_root)
                     ex = record_to_example(dataclasses.replace(rec, images=images))
                 except (ValueError, OSError, TypeError, RecordError) as e:
                     self._skip(item, str(e))
@@ -472,14 +486,107 @@ def _drop_empty_splits(sources: dict[str, Source], fractions, split_seed: int, v
     return out
 
 
-def _clean_stale(name_dir: str) -> None:
+_LOCK_NAME = ".build.lock"  # flock'ed for the whole of a build (one build per {data_dir}/{name} at a time)
+
+
+def _tmp_name(kind: str = "building") -> str:
+    """A temporary folder name unique to this build: ``.{kind}-{pid}-{random}`` (the pid says whose it is)."""
+    return f".{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _tmp_owner(entry: str) -> int | None:
+    """The owner pid in a ``.building-{pid}-{rand}`` / ``.building-old-{pid}-{rand}`` name; None when the
+    name carries none (an older build's ``.building-{hex}``)."""
+    rest = entry[len(".building-"):]
+    if rest.startswith("old-"):
+        rest = rest[len("old-"):]
+    pid, sep, _ = rest.partition("-")
+    return int(pid) if sep and pid.isdigit() else None
+
+
+def _clean_stale(name_dir: str, keep: Sequence[str] = ()) -> None:
+    """Remove the temporary folders of builds that are over: those whose owner pid is no longer
+    alive, or whose name carries no pid (left by a build from before pids were recorded). A folder
+    whose owner is alive is left alone (a live build, or one this process has not finished)."""
     if not os.path.isdir(name_dir):
         return
     for entry in os.listdir(name_dir):
-        if entry.startswith(".building-"):
-            p = os.path.join(name_dir, entry)
-            log.info("tfds_builder: removing the leftover of an interrupted build: %s", p)
-            shutil.rmtree(p, ignore_errors=True)
+        if not entry.startswith(".building-") or entry in keep:
+            continue
+        p = os.path.join(name_dir, entry)
+        pid = _tmp_owner(entry)
+        if pid is not None and _pid_alive(pid):
+            log.info("tfds_builder: leaving %s alone: its build (pid %d) is still running", p, pid)
+            continue
+        log.info("tfds_builder: removing the leftover of an interrupted build: %s", p)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+class _BuildLock:
+    """An exclusive ``fcntl.flock`` on ``{name_dir}/.build.lock``, held for a whole build: a second
+    build of the same dataset (another process or thread) waits for the first to finish. Where
+    flock is unavailable (no ``fcntl``, or a filesystem that refuses it) the build goes on unlocked
+    with a warning; unique temporary names still keep the builds from deleting each other's files."""
+
+    def __init__(self, name_dir: str):
+        self.path = os.path.join(name_dir, _LOCK_NAME)
+        self.fd: int | None = None
+        self.waited = False
+
+    def __enter__(self) -> "_BuildLock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            log.warning("tfds_builder: no fcntl here; building %s without a lock", os.path.dirname(self.path))
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.waited = True
+                log.info("tfds_builder: another build of %s is running; waiting for it to finish",
+                         os.path.dirname(self.path))
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            os.close(fd)
+            log.warning("tfds_builder: cannot lock %s (%s); building without a lock", self.path, e)
+            return self
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+def _existing_result(final: str, data_dir: str, name: str, version: str) -> BuildResult:
+    """The :class:`BuildResult` of a dataset already on disk (from its ``metadata.json``)."""
+    meta = read_metadata(final)
+    try:
+        sizes = split_sizes(final)
+    except Exception:  # noqa: BLE001 - fall back to the build report's counts
+        sizes = {}
+    num_examples = {str(k): int(v) for k, v in (meta.get("num_examples") or sizes).items()}
+    num_skipped = {str(k): int(v) for k, v in (meta.get("num_skipped") or {}).items()}
+    skipped = [SkippedRecord(**s) for s in meta.get("skipped") or [] if isinstance(s, dict)]
+    return BuildResult(path=final, data_dir=data_dir, name=name, version=version, num_examples=num_examples,
+                       num_skipped=num_skipped, skipped=skipped)
 
 
 def build_dataset(
@@ -497,6 +604,7 @@ def build_dataset(
     progress: bool = True,
     description: str | None = None,
     source_report: Mapping[str, Any] | None = None,
+    allow_images_outside_root: bool = False,
 ) -> BuildResult:
     """Write ``records`` as the TFDS dataset ``{data_dir}/{name}/{version}`` (ArrayRecord files).
 
@@ -508,6 +616,9 @@ def build_dataset(
     source_report: what reading the source dropped before it got here (e.g. ``{"path", "format",
       "rows", "skipped", "reasons"}`` from an importer's ``ImportStats``), stored as is under
       ``"source"`` in ``metadata.json`` so that the dataset says every skip that went into it.
+    allow_images_outside_root: image paths are resolved against ``image_root`` (default: the jsonl
+      file's folder) and one that lands outside it (``../``, an absolute path) is a skipped record
+      unless this is True.
     Returns a :class:`BuildResult` (path-like: the dataset directory) with per-split example and
     skip counts; the same report is stored in the dataset's ``metadata.json``.
     """
@@ -526,73 +637,81 @@ def build_dataset(
             raise FileExistsError(f"dataset {final} already exists; pass overwrite=True to rebuild it")
     sources = _drop_empty_splits(sources, fractions, split_seed, validate)
     os.makedirs(name_dir, exist_ok=True)
-    _clean_stale(name_dir)
+    # One build of {name}/{version} at a time: a concurrent build waits here for the lock, then
+    # finds the dataset the other one finished (returned as is unless overwrite=True).
+    with _BuildLock(name_dir) as lock:
+        if os.path.exists(final) and not overwrite:
+            log.info("tfds_builder: %s was built by a concurrent build%s; using it", final,
+                     " (waited for it)" if lock.waited else "")
+            return _existing_result(final, data_dir, name, version)
+        _clean_stale(name_dir)
 
-    report: dict[str, Any] = {"num_examples": {}, "num_skipped": {s: 0 for s in sources}, "skipped": []}
-    seen_ids: dict[str, str] = {}
-    gens = {
-        split: _SplitWriter(split, src, fractions, split_seed, None if image_root is None else os.fspath(image_root),
-                            validate, progress, report, seen_ids)
-        for split, src in sources.items()
-    }
-    tmp_root = os.path.join(name_dir, f".building-{uuid.uuid4().hex[:12]}")
-    os.makedirs(tmp_root)
-    builder_cls = _builder_class()
-    holder: dict[str, Any] = {}
+        report: dict[str, Any] = {"num_examples": {}, "num_skipped": {s: 0 for s in sources}, "skipped": []}
+        seen_ids: dict[str, str] = {}
+        gens = {
+            split: _SplitWriter(split, src, fractions, split_seed,
+                                None if image_root is None else os.fspath(image_root),
+                                validate, progress, report, seen_ids, allow_images_outside_root)
+            for split, src in sources.items()
+        }
+        tmp_root = os.path.join(name_dir, _tmp_name())
+        os.makedirs(tmp_root)
+        builder_cls = _builder_class()
+        holder: dict[str, Any] = {}
 
-    def fill_metadata():
-        holder["builder"].info.metadata.update({
-            "num_examples": dict(report["num_examples"]),
-            "num_skipped": dict(report["num_skipped"]),
-            "skipped": [dataclasses.asdict(s) for s in report["skipped"]],
-            "split_fractions": None if fractions is None else dict(fractions),
-            "split_seed": int(split_seed),
-            "validated": bool(validate),
-            **({"source": dict(source_report)} if source_report is not None else {}),
-        })
+        def fill_metadata():
+            holder["builder"].info.metadata.update({
+                "num_examples": dict(report["num_examples"]),
+                "num_skipped": dict(report["num_skipped"]),
+                "skipped": [dataclasses.asdict(s) for s in report["skipped"]],
+                "split_fractions": None if fractions is None else dict(fractions),
+                "split_seed": int(split_seed),
+                "validated": bool(validate),
+                **({"source": dict(source_report)} if source_report is not None else {}),
+            })
 
-    # metadata.json is written with dataset_info.json after the last split, so the last split's
-    # generator fills it in once it has finished.
-    last = list(gens)[-1]
-    last_writer = gens[last]
+        # metadata.json is written with dataset_info.json after the last split, so the last split's
+        # generator fills it in once it has finished.
+        last = list(gens)[-1]
+        last_writer = gens[last]
 
-    def last_then_metadata():
-        yield from last_writer()
-        fill_metadata()
+        def last_then_metadata():
+            yield from last_writer()
+            fill_metadata()
 
-    gens[last] = last_then_metadata
-    had_bar = tqdm_utils._active  # noqa: SLF001 - restore TFDS' global progress-bar setting afterwards
-    try:
-        builder = builder_cls(
-            name=name,
-            version=version,
-            features=features(),
-            split_datasets=gens,
-            data_dir=tmp_root,
-            description=description or "Step-labelled PRM records (jaxprm.data.schema.Record) with encoded images.",
-            file_format="array_record",
-            disable_shuffling=True,
-        )
-        holder["builder"] = builder
-        tfds.disable_progress_bar()
-        builder.download_and_prepare(
-            file_format="array_record",
-            download_dir=os.path.join(tmp_root, "downloads"),
-        )
-        built = os.path.join(tmp_root, name, version)
-        if not os.path.isfile(os.path.join(built, "dataset_info.json")):
-            raise RuntimeError(f"TFDS did not produce {built}/dataset_info.json")
-        if os.path.exists(final):  # overwrite=True: swap the old version out, then the new one in
-            old = os.path.join(name_dir, f".building-old-{uuid.uuid4().hex[:12]}")
-            os.replace(final, old)
-            os.replace(built, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(built, final)
-    finally:
-        if had_bar:
-            tfds.enable_progress_bar()
-        shutil.rmtree(tmp_root, ignore_errors=True)
+        gens[last] = last_then_metadata
+        had_bar = tqdm_utils._active  # noqa: SLF001 - restore TFDS' global progress-bar setting afterwards
+        try:
+            builder = builder_cls(
+                name=name,
+                version=version,
+                features=features(),
+                split_datasets=gens,
+                data_dir=tmp_root,
+                description=description or "Step-labelled PRM records (jaxprm.data.schema.Record) with encoded images.",
+                file_format="array_record",
+                disable_shuffling=True,
+            )
+            holder["builder"] = builder
+            tfds.disable_progress_bar()
+            builder.download_and_prepare(
+                file_format="array_record",
+                download_dir=os.path.join(tmp_root, "downloads"),
+            )
+            built = os.path.join(tmp_root, name, version)
+            if not os.path.isfile(os.path.join(built, "dataset_info.json")):
+                raise RuntimeError(f"TFDS did not produce {built}/dataset_info.json")
+            if os.path.exists(final):  # overwrite=True: swap the old version out, then the new one in
+                old = os.path.join(name_dir, _tmp_name("building-old"))
+                os.replace(final, old)
+                os.replace(built, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(built, final)
+        finally:
+            if had_bar:
+                tfds.enable_progress_bar()
+            shutil.rmtree(tmp_root, ignore_errors=True)
 
     result = BuildResult(
         path=final,
@@ -680,6 +799,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--val_fraction", type=float, default=None, help="fraction of records (by id hash) for 'validation'")
     ap.add_argument("--split_seed", type=int, default=0)
     ap.add_argument("--image_root", default=None, help="folder relative image paths are resolved against")
+    ap.add_argument("--allow_images_outside_root", "--allow-images-outside-root", action="store_true",
+                    help="follow image paths that resolve outside --image_root (default: such records are skipped)")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--no_validate", action="store_true", help="skip record/image validation (not recommended)")
     ap.add_argument("--no_progress", action="store_true")
@@ -690,7 +811,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         res = build_dataset(src, args.data_dir, name=args.name, version=args.version, val_fraction=args.val_fraction,
                             split_seed=args.split_seed, image_root=args.image_root, validate=not args.no_validate,
-                            overwrite=args.overwrite, progress=not args.no_progress)
+                            overwrite=args.overwrite, progress=not args.no_progress,
+                            allow_images_outside_root=args.allow_images_outside_root)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

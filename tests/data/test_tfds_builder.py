@@ -58,7 +58,7 @@ def test_round_trip_without_tensorflow(tmp_path, records, no_tensorflow):
     res = tb.build_dataset(records, tmp_path, progress=False)
     assert os.fspath(res) == str(tmp_path / "prm_records" / "1.0.0")
     assert res.num_examples == {"train": len(records)} and res.num_skipped == {"train": 0}
-    assert sorted(os.listdir(tmp_path / "prm_records")) == ["1.0.0"]  # no temporary folder left
+    assert _entries(tmp_path / "prm_records") == ["1.0.0"]  # no temporary folder left
     assert any(f.startswith("prm_records-train.array_record") for f in os.listdir(res.path))
 
     back = list(tb.read_records(tmp_path, "train"))
@@ -172,12 +172,81 @@ def test_atomic_exists_and_overwrite(tmp_path, records):
     # a leftover of a killed build is cleaned by the next build
     (name_dir / ".building-deadbeef").mkdir()
     res = tb.build_dataset(records[:3], tmp_path, progress=False)
-    assert os.listdir(name_dir) == ["1.0.0"]
+    assert _entries(name_dir) == ["1.0.0"]
     with pytest.raises(FileExistsError):
         tb.build_dataset(records[:2], tmp_path, progress=False)
     res = tb.build_dataset(records[:2], tmp_path, progress=False, overwrite=True)
     assert [r.id for r in tb.read_records(res, "train")] == [r.id for r in records[:2]]
-    assert os.listdir(name_dir) == ["1.0.0"]
+    assert _entries(name_dir) == ["1.0.0"]
+
+
+def _entries(name_dir):
+    """What a dataset's name folder holds, less the build lock file (which stays)."""
+    return sorted(e for e in os.listdir(name_dir) if e != tb._LOCK_NAME)
+
+
+def test_concurrent_builds_into_one_data_dir(tmp_path, records):
+    import threading
+    import time
+
+    first_started = threading.Event()
+
+    class Slow:  # the first build is still writing when the second one starts
+        def __iter__(self):
+            first_started.set()
+            for r in records:
+                time.sleep(0.05)
+                yield r
+
+    results, errors = {}, {}
+
+    def build(key, src):
+        try:
+            results[key] = tb.build_dataset(src, tmp_path, progress=False)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors[key] = e
+
+    t1 = threading.Thread(target=build, args=("first", Slow()), daemon=True)
+    t1.start()
+    assert first_started.wait(60)
+    t2 = threading.Thread(target=build, args=("second", list(records)), daemon=True)
+    t2.start()
+    t1.join(180)
+    t2.join(180)
+    assert not t1.is_alive() and not t2.is_alive(), "a build hung"
+    assert errors == {}
+    name_dir = tmp_path / "prm_records"
+    assert _entries(name_dir) == ["1.0.0"]  # one dataset, no temporary folder left
+    assert results["first"].path == results["second"].path == str(name_dir / "1.0.0")
+    assert results["second"].num_examples == results["first"].num_examples == {"train": len(records)}
+    assert [r.id for r in tb.read_records(results["second"], "train")] == [r.id for r in records]
+
+
+def test_stale_temp_dirs_of_dead_builds_are_cleaned_live_ones_kept(tmp_path, records):
+    import subprocess
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        name_dir = tmp_path / "prm_records"
+        name_dir.mkdir()
+        dead_dir = name_dir / f".building-{done.pid}-0123456789ab"
+        dead_old = name_dir / f".building-old-{done.pid}-0123456789ab"
+        live_dir = name_dir / f".building-{live.pid}-ba9876543210"
+        for d in (dead_dir, dead_old, live_dir):
+            d.mkdir()
+            (d / "part").write_bytes(b"x")
+        assert tb._tmp_owner(live_dir.name) == live.pid and tb._tmp_owner(".building-deadbeef") is None
+        res = tb.build_dataset(records[:3], tmp_path, progress=False)
+        assert _entries(name_dir) == sorted(["1.0.0", live_dir.name])  # the live build's folder is untouched
+        assert (live_dir / "part").read_bytes() == b"x"
+        assert res.num_examples == {"train": 3}
+    finally:
+        live.kill()
+        live.wait()
+    tb._clean_stale(str(name_dir))  # its owner is gone now
+    assert _entries(name_dir) == ["1.0.0"]
 
 
 def test_empty_splits(tmp_path, records, caplog):
@@ -186,7 +255,7 @@ def test_empty_splits(tmp_path, records, caplog):
     assert any("'validation' gets no records" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="no valid records"):
         tb.build_dataset([dataclasses.replace(records[0], images=[b"x"])], tmp_path / "b", progress=False)
-    assert os.listdir(tmp_path / "b" / "prm_records") == []
+    assert _entries(tmp_path / "b" / "prm_records") == []
 
 
 def test_numpy_values_in_meta_are_stored(tmp_path, records):
