@@ -483,19 +483,13 @@ class Scorer:
                         outs.append(self._fns.full(self.state, self._pack([], b, n, p)))
         if shared:
             for pl in pls:
-                kv = None
-                for p in ps:
-                    kv = self._fns.prefix(self.state, self._pack([], 1, pl, p))
-                past_seg = np.zeros((1, pl), np.int32)
+                kv, past_seg = self._warm_prefix(pl, ps)
                 for n in sls:
                     for b in bs:
                         outs.append(self._fns.suffix(self.state, kv, past_seg, self._pack([], b, n, 0)))
         if incremental:
             for i, pl in enumerate(pls):
-                kv = None
-                for p in ps:
-                    kv = self._fns.prefix(self.state, self._pack([], 1, pl, p))
-                past_seg = np.zeros((1, pl), np.int32)
+                kv, past_seg = self._warm_prefix(pl, ps)
                 for n in sls:
                     for b in bs:
                         probs, new_kv = self._fns.suffix_kv(self.state, kv, past_seg, self._pack([], b, n, 0))
@@ -503,3 +497,10 @@ class Scorer:
                 outs += [self._fns.grow(kv, bigger) for bigger in pls[i + 1:]]
         jax.block_until_ready(outs)
         return self.num_compiles - before
+
+    def _warm_prefix(self, length: int, patch_sizes):
+        """Compile the prefix function for ``length`` and every patch bucket; -> (a cache, its segment ids)."""
+        kv = None
+        for p in patch_sizes:
+            kv = self._fns.prefix(self.state, self._pack([], 1, length, p))
+        return kv, np.zeros((1, length), np.int32)
