@@ -23,7 +23,9 @@ by ``"<file name>:<line>"``.
      "steps_with_score": [{"step", "score", "num_mc_correct", "num_mc_total"}, ...],
      "num_mc_sequences": 16}
 
-Steps are the response split on blank lines. After a step scores 0 the pipeline stops rolling out
+Steps are the response split on blank lines; a response with ``"\n\n\n\n"`` yields empty steps,
+which are dropped together with their scores (their indices into ``steps_with_score`` are kept in
+``meta["empty_steps_dropped"]``; ``python -m jaxprm.data.audit`` totals them). After a step scores 0 the pipeline stops rolling out
 and writes ``score 0.0, 0/0`` for the remaining steps; those counts are kept, so their
 ``mc_value`` is None. Rows with only a fraction ``score`` use ``num_mc_sequences`` (else
 ``mc_total``) as the number of rollouts.
@@ -91,16 +93,24 @@ def _raw_to_record(row: dict, where: str, rid: str, mc_total: int | None) -> Rec
         raise fail(rid, "steps_with_score", f"must be a non-empty list of {{'step', 'score', ...}}, got {sws!r}")
     k = as_count(row.get("num_mc_sequences"), rid, "num_mc_sequences") or mc_total
     steps = []
+    dropped = []  # indices of empty steps ("\n\n\n\n" in the response splits into "")
     for i, e in enumerate(sws):
         f = f"steps_with_score[{i}]"
         if not isinstance(e, dict):
             raise fail(rid, f, f"must be an object with 'step' and 'score', got {type(e).__name__}")
         t = e.get("step")
-        if not isinstance(t, str) or not t.strip():
-            raise fail(rid, f"{f}.step", f"must be a non-empty string, got {t!r}")
+        if not isinstance(t, str):
+            raise fail(rid, f"{f}.step", f"must be a string, got {t!r}")
+        if not t.strip():  # dropped with its score, so the other steps keep their own MC values
+            dropped.append(i)
+            continue
         c, tot = mc_counts(e, k, rid, f)
         steps.append(Step(text=t.strip(), kind=REASONING, num_mc_correct=c, num_mc_total=tot))
+    if not steps:
+        raise fail(rid, "steps_with_score", f"all {len(sws)} steps are empty")
     meta: dict[str, Any] = {}
+    if dropped:
+        meta["empty_steps_dropped"] = dropped
     if row.get("num_mc_sequences") is not None:
         meta["num_mc_sequences"] = as_count(row["num_mc_sequences"], rid, "num_mc_sequences")
     rec = Record(
