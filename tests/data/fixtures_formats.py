@@ -192,3 +192,108 @@ def vpb_rows() -> list:
           "response": json.dumps({"steps": ["The ball is red.", "So no."], "process_correctness": [1, -1]}),
           "policy_model": "GPT-4o", "data_source": "MMMU"}
     return [r1, r2]
+
+
+# -- golden rows for issue 13 (VL-PRM300K / VL-PRM rollouts), written to the published layouts -------
+def _part(text):
+    return {"type": "text", "text": text, "index": None}
+
+
+def golden_vlprm_train_rows() -> list[dict]:
+    """``ob11/VL-PRM300K-V1-train``: ``image`` is an HF Image struct; the first user text starts with
+    ``"<image>\\n"``; row 1 is the variant with a ``{"type": "image"}`` part before the text."""
+    sys_turn = {"role": "system", "content": [_part(SYSTEM)]}
+    r0 = {"image": {"bytes": PNG, "path": "0001.png"},
+          "messages": [
+              sys_turn,
+              {"role": "user", "content": [_part(
+                  "<image>\n### Question:\nWhat colour is the ball?\n\n### Solution Process:\n"
+                  "[Visual Elements]\n<step_1>\nA ball lies on the floor.\n</step_1>")]},
+              {"role": "assistant", "content": [_part("+")]},
+              {"role": "user", "content": [_part("<step_2>\nThe ball is red.\n</step_2>")]},
+              {"role": "assistant", "content": [_part("+")]},
+              {"role": "user", "content": [_part("[Reasoning]\n<step_1>\nSo the answer is blue.\n</step_1>")]},
+              {"role": "assistant", "content": [_part("-")]},
+          ]}
+    r1 = {"image": {"bytes": None, "path": "images/geo/7.png"},
+          "messages": [
+              sys_turn,
+              {"role": "user", "content": [
+                  {"type": "image", "text": None, "index": 0},
+                  _part("### Question:\nFind x.\n\n### Solution Process:\n"
+                        "[Visual Elements]\n<step_1>\nThe triangle has angles 50 and 60.\n</step_1>")]},
+              {"role": "assistant", "content": [_part("+")]},
+              {"role": "user", "content": [_part("[Reasoning]\n<step_1>\nx = 180 - 110 = 70.\n</step_1>")]},
+              {"role": "assistant", "content": [_part("+")]},
+          ]}
+    return [r0, r1]
+
+
+GOLDEN_ROLLOUT_PROMPT = ("You are given an image and a question. Describe the visual elements, then reason step "
+                         "by step.\n<image>\nQuestion: How many apples are on the table?")
+
+
+def golden_vlprm_rollout_row() -> dict:
+    """A VL-PRM rollout output row (``rollout_data_generation``): no judge field at all; 16 MC
+    continuations per step."""
+    response = ("[Visual Elements]\n<step_1>\nThere is a wooden table.\n</step_1>\n<step_2>\n"
+                "Three apples lie on it.\n</step_2>\n\n[Reasoning]\n<step_1>\nCounting gives 4.\n</step_1>\n\n"
+                "<correct_answer>\n$\\boxed{4}$\n</correct_answer>")
+    steps = [("There is a wooden table.", 16), ("Three apples lie on it.", 10), ("Counting gives 4.", 0)]
+    return {
+        "image": "images/COCO/000123.jpg",
+        "question": GOLDEN_ROLLOUT_PROMPT,
+        "answer": "3",
+        "uid": "roll-7",
+        "image_path": "/data/images/COCO/000123.jpg",
+        "response": response,
+        "steps_with_score": [{"step": t, "score": c / 16, "num_mc_correct": c, "num_mc_total": 16}
+                             for t, c in steps],
+    }
+
+
+def _golden_raw(rid, question, visual, reasoning, counts, fis, consensus, conv_labels, n_conv_vis=None):
+    """A ``VL_PRM300K_V2.parquet`` row; ``conversations`` is truncated at the first error."""
+    n_conv_vis = len(visual) if n_conv_vis is None else n_conv_vis
+    n_conv = len(conv_labels)
+    return {
+        "id": rid,
+        "question": question,
+        "image": f"images/golden/{rid}.png",
+        "image_qwen_smart_resize": f"images/golden/{rid}_qwen_smart_resize.png",
+        "steps_with_score": _sws(visual + reasoning, counts),
+        "first_incorrect_step": fis,
+        "conversations": vlprm_conversation(question, visual[:min(n_conv, n_conv_vis)],
+                                            reasoning[:max(0, n_conv - n_conv_vis)], conv_labels),
+        "rollout_ground_truth_answer": "A",
+        "consensus_filtering_algo_label": consensus,
+        "verifier_identified_first_incorrect_step_solution": "[Perception]\n<analysis_1>\n...\n</analysis_1>",
+        "source": "CLEVR",
+        "question_type": "counting",
+    }
+
+
+def golden_vlprm_raw_rows() -> list[dict]:
+    agrees_dis = "o4-mini_incorrect_and_MC_agrees_and_disagrees"
+    return [
+        # judge's first error: Visual Elements step 2 (zero-based); MC disagrees on steps 1 and 2
+        _golden_raw("g-vis", "How many cubes?", ["Two red cubes.", "One blue sphere.", "One green cube."],
+                    ["So three cubes: A."], [(16, 16), (0, 16), (5, 16), (16, 16)],
+                    "['Visual Elements', 2]", agrees_dis, "++-"),
+        # judge's first error: Reasoning step 0, right after 1 Visual Elements step
+        _golden_raw("g-rea", "Is the bar taller?", ["The left bar reaches 5."],
+                    ["5 is less than 3.", "So no."], [(0, 16), (3, 16), (0, 16)],
+                    "['Reasoning', 0]", agrees_dis, "+-"),
+        # the judge found no error
+        _golden_raw("g-ok", "What shape?", ["A circle is drawn."], ["So: circle."], [(16, 16), (16, 16)],
+                    "None", "o4-mini_correct_and_MC_agrees", "++"),
+    ]
+
+
+def golden_vlprm_raw_step_header_row() -> dict:
+    """Error in Visual Elements (step 0): the transcript stops before ``[Reasoning]``, but the first
+    reasoning step's text in ``steps_with_score`` still opens with its ``[Reasoning]`` header."""
+    return _golden_raw("g-hdr", "How many birds?", ["Two birds sit on a wire.", "The sky is grey."],
+                       ["[Reasoning]\nTwo birds are visible.", "So the answer is 2."],
+                       [(4, 16), (12, 16), (9, 16), (9, 16)], "['Visual Elements', 0]",
+                       "o4-mini_incorrect_and_MC_agrees_and_disagrees", "-")

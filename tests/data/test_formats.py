@@ -61,14 +61,14 @@ def test_vlprm300k_raw_exact_records(raw_parquet):
     assert [s.kind for s in a.steps] == [P, P, P, R, R]
     assert [(s.num_mc_correct, s.num_mc_total) for s in a.steps] == A_COUNTS
     assert [s.judge for s in a.steps] == [1, 1, 1, 1, 0]
-    # hybrid (default): step 2 has MC 0/16 while the judge accepts it -> unsupervised
-    assert a.labels == [1, 1, None, 1, 0]
+    # judge (default, the authors' labels): "+" before the first incorrect step even where MC is 0/16
+    assert a.labels == [1, 1, 1, 1, 0]
     assert a.meta == {
         "first_incorrect_step": ["Reasoning", 1], "num_perception_steps": 3, "section_source": "conversations",
+        "label_evidence": {"mc": True, "judge": True},
         "source_dataset": "RAVEN", "question_type": "abstract_visual_reasoning",
         "consensus_filtering_algo_label": "o4-mini_incorrect_and_MC_agrees_and_disagrees",
-        "label_rule": {"name": "hybrid", "threshold": 0.0, "neutral": "ignore", "after_error": "ignore",
-                       "disagree": "neutral"},
+        "label_rule": {"name": "judge", "neutral": "ignore", "after_error": "ignore"},
     }
 
     # b: error at ['Visual Elements', 1]; the transcript stops inside Visual Elements
@@ -77,7 +77,7 @@ def test_vlprm300k_raw_exact_records(raw_parquet):
     assert [s.judge for s in b.steps] == [1, 0, None, None]
     assert [s.kind for s in b.steps] == [P, P, R, R]  # 2 known perception, rest unknown_kind
     assert b.meta["num_perception_steps"] is None and b.meta["section_source"] == "partial"
-    assert b.labels == [1, None, None, None]  # error step: judge "-" but MC 2/16 > 0 -> disagreement
+    assert b.labels == [1, 0, None, None]  # the judge's error step is "-" whatever MC says
 
     # c: no error found by the judge
     assert [s.kind for s in c.steps] == [P, R] and [s.judge for s in c.steps] == [1, 1]
@@ -127,9 +127,9 @@ def test_vlprm300k_rollout_jsonl_with_fractions(tmp_path):
     (r,) = read_vlprm300k(path, mc_total=8, label_rule="mc")
     assert r.id == "u-1" and r.answer == "1"
     assert steps_of(r) == [
-        ("A child stands on grass.", P, 4, 8, 1, 1),
-        ("He holds a frisbee.", P, 2, 8, 1, 1),
-        ("He looks like a toddler.", R, 0, 8, 1, 0),
+        ("A child stands on grass.", P, 4, 8, None, 1),
+        ("He holds a frisbee.", P, 2, 8, None, 1),
+        ("He looks like a toddler.", R, 0, 8, None, 0),
     ]
     assert r.meta["section_source"] == "response" and r.meta["num_perception_steps"] == 2
 

@@ -21,29 +21,42 @@ of perception steps is taken from, in order: (1) a ``response`` column, counting
 ``[Reasoning]``, they are all the steps (``jaxprm.data.solution.split_tagged_steps``); (2) the
 ``conversations`` user turns, where the conversion script (theogbrand/mmr_rollout_data,
 ``convert_mc_to_prm_signal.py``) writes ``[Visual Elements]`` on the first step and ``[Reasoning]``
-on the first reasoning step. If neither pins the boundary (the transcript stopped inside the
-Visual-Elements section), the steps known to be perception are marked so and the rest get
-``unknown_kind`` (default ``"reasoning"``); ``meta["section_source"]`` says which case applied and
-``meta["num_perception_steps"]`` is None. A ``["Reasoning", r]`` error needs the boundary and is
-reported as a bad row otherwise.
+on the first reasoning step; (3) the step texts themselves, where the first reasoning step still
+opens with its ``[Reasoning]`` header (``meta["section_source"] == "step_text"``). If none pins
+the boundary (the transcript stopped inside the Visual-Elements section), the steps known to be
+perception are marked so and the rest get ``unknown_kind`` (default ``"reasoning"``);
+``meta["section_source"]`` says which case applied and ``meta["num_perception_steps"]`` is None.
+A ``["Reasoning", r]`` error needs the boundary and is reported as a bad row otherwise.
 
 Judge: steps before the first incorrect step get ``judge=1``, that step ``judge=0``, later steps
 ``None``. ``first_incorrect_step`` empty/None/"None" is read as "the judge found no error" (all
-``judge=1``) -- an assumption: the card does not list the value used for fully correct traces.
+``judge=1``). A row without a ``first_incorrect_step`` column (the rollout JSONL files: no judge
+has seen them) gets ``judge=None`` on every step, never an invented verdict;
+``meta["label_evidence"]`` (``{"mc": True, "judge": bool}``) says what a label rule had, so the
+``hybrid`` and ``judge`` rules leave such rows unsupervised rather than acting on a judge.
+
+Labels: the default rule is ``"judge"`` (``after_error="ignore"``), which reproduces the released
+VL-PRM300K training labels: "+" before the judge's first incorrect step, "-" on it, the later
+steps unsupervised (the transcript stops there), all "+" when there is no error.
+``consensus_filtering_algo_label`` is kept in ``meta``. Other rules (``hybrid``, ``mc``,
+``vlprm_v2``) stay available by name.
 
 **Training** (``ob11/VL-PRM300K-V1-train``) -- ``read_vlprm300k_train``. Columns ``image`` (an HF
 ``Image`` feature: a ``{"bytes", "path"}`` struct in Parquet; bytes are kept encoded, never
 decoded) and ``messages`` in TRL chat format: ``{"role", "content": [{"type": "text", "text"}, ...]}``
-with a system prompt, the first user turn ``### Question:\\n{question}\\n\\n### Solution
+with a system prompt, the first user turn ``<image>\\n### Question:\\n{question}\\n\\n### Solution
 Process:\\n[Visual Elements]\\n<step_1>\\n...\\n</step_1>``, one step per later user turn (a
 ``[Reasoning]`` header where that section starts) and assistant turns ``"+"`` / ``"-"``. Labels are
 taken from the assistant turns; kinds from the section headers (``unknown_kind`` before any
 header); ``<step_k>`` wrappers and headers are stripped from the step text. Plain-string
-``content`` and ShareGPT ``{"from", "value"}`` turns (``conversations``) are accepted too.
+``content``, a leading ``{"type": "image"}`` part (or none: the image is the ``image`` column),
+a first text with or without the leading ``<image>`` token, and ShareGPT ``{"from", "value"}``
+turns (``conversations``) are accepted too.
 """
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Callable, Iterator
 
 from jaxprm.data.formats._common import (
@@ -70,6 +83,13 @@ from jaxprm.data.solution import clean_step_with_kind, split_tagged_steps
 SOURCE = "vlprm300k"
 SOURCE_TRAIN = "vlprm300k_train"
 VISUAL_SECTIONS = ("visual elements", "perception")
+_LEADING_IMAGE_RE = re.compile(r"^\s*(?:<image>\s*)+")
+JUDGE_FIELD = "first_incorrect_step"
+
+
+def _strip_leading_image(text: str) -> str:
+    """The published train set's first user text starts with ``"<image>\\n### Question:..."``."""
+    return _LEADING_IMAGE_RE.sub("", text, count=1)
 
 
 def _check_kind(unknown_kind: str) -> None:
@@ -118,7 +138,7 @@ def _sections_from_conversations(row: dict) -> tuple[int | None, int]:
             continue
         text = turn_text(turn.get("content", turn.get("value"))) or ""
         if k == 0:
-            m = _QA_RE.match(text)
+            m = _QA_RE.match(_strip_leading_image(text))
             text = m.group(2) if m else text
         kind = clean_step_with_kind(text)[1]
         if kind == REASONING:
@@ -127,6 +147,14 @@ def _sections_from_conversations(row: dict) -> tuple[int | None, int]:
             seen_visual = True
         k += 1
     return None, (k if seen_visual else 0)
+
+
+def _sections_from_step_text(texts: list[str]) -> int | None:
+    """Index of the first step whose text opens with a ``[Reasoning]`` header, or None."""
+    for i, t in enumerate(texts):
+        if clean_step_with_kind(t)[1] == REASONING:
+            return i
+    return None
 
 
 def _raw_to_record(row: Any, where: str, *, mc_total, image_column, unknown_kind, label_fn) -> Record:
@@ -153,12 +181,17 @@ def _raw_to_record(row: Any, where: str, *, mc_total, image_column, unknown_kind
         counts.append(mc_counts(e, mc_total, rid, f))
 
     # where the Visual Elements section ends
-    fis = _first_incorrect(row.get("first_incorrect_step"), rid)
+    has_judge = JUDGE_FIELD in row
+    fis = _first_incorrect(row.get(JUDGE_FIELD), rid) if has_judge else None
     n_vis, source = _sections_from_response(row, n), "response"
     lower = 0
     if n_vis is None:
         n_vis, lower = _sections_from_conversations(row)
         source = "conversations"
+    if n_vis is None:
+        n_vis = _sections_from_step_text(texts)
+        if n_vis is not None:
+            source = "step_text"
     if n_vis is not None and n_vis > n:
         raise fail(rid, "conversations", f"has {n_vis} Visual Elements steps but {skey} has only {n} steps")
     if n_vis is None and fis is not None and fis[0] == "Visual Elements":
@@ -172,9 +205,11 @@ def _raw_to_record(row: Any, where: str, *, mc_total, image_column, unknown_kind
     else:
         kinds = [PERCEPTION] * n_vis + [REASONING] * (n - n_vis)
 
-    # the judge's verdicts
-    if fis is None:
-        judges: list[int | None] = [1] * n
+    # the judge's verdicts; a row without the judge's column (the rollout files) has none
+    if not has_judge:
+        judges: list[int | None] = [None] * n
+    elif fis is None:
+        judges = [1] * n
     else:
         section, idx = fis
         if section == "Visual Elements":
@@ -201,6 +236,8 @@ def _raw_to_record(row: Any, where: str, *, mc_total, image_column, unknown_kind
         "first_incorrect_step": list(fis) if fis else None,
         "num_perception_steps": n_vis,
         "section_source": source,
+        # which evidence a label rule had: MC counts; the judge's verdicts only with its column
+        "label_evidence": {"mc": any(c is not None and tot for c, tot in counts), "judge": has_judge},
     }
     for k_src, k_meta in (("source", "source_dataset"), ("question_type", "question_type"),
                           ("consensus_filtering_algo_label", "consensus_filtering_algo_label")):
@@ -222,7 +259,7 @@ def _raw_to_record(row: Any, where: str, *, mc_total, image_column, unknown_kind
 def read_vlprm300k(
     path: str | os.PathLike,
     image_root: str | os.PathLike | None = None,
-    label_rule: str | Callable | None = "hybrid",
+    label_rule: str | Callable | None = "judge",
     label_kw: dict | None = None,
     *,
     mc_total: int | None = 16,
@@ -235,9 +272,10 @@ def read_vlprm300k(
 ) -> Iterator[Record]:
     """Read raw VL-PRM300K rows (Parquet, JSONL or JSON; a file or a directory of them).
 
-    ``label_rule``: ``"hybrid"`` (default), ``"mc"``, ``"judge"``, a callable, or None (labels left
-    unset), with keyword arguments ``label_kw`` (see ``jaxprm.data.labels``). ``mc_total``: rollouts
-    per step when a row stores only the fraction ``score``. ``image_column``: ``"image"`` or
+    ``label_rule``: ``"judge"`` (default: the authors' released labels -- "+" before
+    ``first_incorrect_step``, "-" on it, later steps unsupervised, all "+" when it is None),
+    ``"hybrid"``, ``"mc"``, ``"vlprm_v2"``, a callable, or None (labels left unset), with keyword
+    arguments ``label_kw`` (see ``jaxprm.data.labels``). ``mc_total``: rollouts per step when a row stores only the fraction ``score``. ``image_column``: ``"image"`` or
     ``"image_qwen_smart_resize"``. ``check_images`` (default: when ``image_root`` is given) reports a
     missing image file as a bad row. ``on_error="skip"`` logs and counts bad rows in ``stats``.
     """
@@ -267,7 +305,7 @@ def _train_to_record(row: Any, where: str, *, unknown_kind, label_fn) -> Record:
             raise fail(rid, f"{key}[{i}]", f"must be an object, got {type(m).__name__}")
         turns.append((m.get("role", m.get("from")), m.get("content", m.get("value"))))
     pairs = chat_pairs(turns, rid, key)
-    question, first = split_question(pairs[0][0], rid, f"{key}[{pairs[0][2]}]")
+    question, first = split_question(_strip_leading_image(pairs[0][0]), rid, f"{key}[{pairs[0][2]}]")
     steps, kind = [], None
     for k, (text, label, _) in enumerate(pairs):
         t, hdr = clean_step_with_kind(first if k == 0 else text)
