@@ -35,9 +35,14 @@ setup(
         "pyarrow>=15",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        # MATH-V's official answer check compares expressions symbolically (jaxprm.data.answers)
+        "sympy>=1.12",
+        # the PRM scoring server (python -m jaxprm.serve)
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
     ],
     extras_require={
         # torch is only the reference implementation for parity tests and benchmarks.
-        "test": ["torch>=2.4", "pytest>=8", "scikit-learn"],
+        "test": ["torch>=2.4", "pytest>=8", "scikit-learn", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
     },
 )
