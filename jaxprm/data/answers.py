@@ -4,29 +4,37 @@ Used by eval (accuracy, best-of-N curves), synthesis (Monte-Carlo values: does a
 gold answer) and the benchmark readers (``jaxprm.data.formats.benchmarks``: which option a gold
 answer names), so it sits in ``data``; ``jaxprm.eval.answers`` re-exports it.
 
-Extraction (``extract_answer``) and matching (``is_correct``) are rule-based re-implementations of
-the conventions the standard evaluation scripts use:
+Three ways to judge a response (``grade(response, problem, mode=...)`` / ``Grader``, the rules in
+``jaxprm.data.answer_rules``):
 
-- MMMU (github.com/MMMU-Benchmark/MMMU ``eval/eval_utils.py``): ``parse_multi_choice_response``
-  looks for "(A)", then "A " / "A." in the response, then for option *text* in long responses and,
-  with several candidates, keeps the one that occurs last; open answers are compared after
-  extracting numbers, rounding them to 2 decimals and lower-casing strings.
-- MathVista (github.com/lupantech/MathVista ``evaluation/calculate_score.py``): the gold answer
-  of a multiple-choice question is the choice *text*; a predicted letter is mapped to its choice;
-  integers are compared as ints and floats after rounding to the question's ``precision``.
-- PuzzleVQA / AlgoPuzzleVQA (as reproduced in the VL-PRM eval code,
-  github.com/Tej-Deep/mmr-eval ``eval/tts_eval/reward_guided_search/puzzleTest_helpers.py``,
-  ``extract_puzzlevqa_answer``): the last "(A)".."(D)" in the response wins; the gold ``answer``
-  is the option text.
-- MathVision and VL-PRM's prompts ask for the final answer in ``\\boxed{}`` (a letter for
-  multiple-choice questions); ``extract_boxed`` (``jaxprm.data.solution``) takes the last
-  ``\\boxed{...}`` with nested braces.
+- ``official``: each benchmark's own evaluator, quirks included (MMMU's ``eval_utils.py``,
+  MathVista's ``extract_answer.py`` + ``calculate_score.py``, MATH-V's ``evaluate.py``,
+  PuzzleVQA's last-"(X)" rule), so accuracies compare with published numbers;
+- ``vlprm``: the check VL-PRM's test-time-scaling numbers were scored with (``\\boxed{}`` first);
+- ``lenient``: this module's own answer-format-robust matcher (``extract_answer`` +
+  ``is_correct``), which is *not* any benchmark's official rule.
 
-Numbers: ints, decimals, "1,000"-style thousands separators, fractions "3/4" and
-``\\frac{3}{4}``, negatives (also the unicode minus), scientific notation and percentages.
-``is_correct`` compares numbers with ``math.isclose(rel_tol, abs_tol)`` and, when the gold
-answer is written with k decimals, also accepts a prediction that rounds to it (MathVista's
-``precision`` rule, e.g. gold 0.33 vs 1/3). A percentage matches both its value and value/100.
+The lenient matcher, what it does:
+
+- ``extract_choice``: the letter a response commits to: the last ``\\boxed{}`` (a letter, "B. text"
+  or an option's text), else a first line that is only a letter ("E\\n\\nExplanation: ..."), else
+  the last answer phrase ("Answer: B", "the answer is (B)", "B is correct", "I choose B"), else the
+  last "(B)", else a response that is only a letter or starts with "B." / "(B)", else (with
+  ``choices``) the option whose text occurs last (numbers matched as whole numbers: "2" is not found
+  in "2.5"; of two options ending at the same place the longer wins).
+- ``extract_answer``: the cleaned ``\\boxed{}`` content, else the text after the last "answer is" /
+  "Answer:", else a committed letter, else the last number.
+- ``is_correct``: letters compared with letters (gold and prediction may each be a letter or an
+  option's text), numbers by value and strings case-, whitespace- and LaTeX-insensitively.
+
+Numbers: ints, decimals, "1,000"-style thousands separators, fractions "3/4" and ``\\frac{3}{4}``,
+negatives (also the unicode minus), scientific notation and percentages (a percentage matches its
+value and value/100). Values must be equal: there is no relative tolerance unless ``rel_tol`` /
+``abs_tol`` are given. Rounding is accepted only where the benchmark's own rule rounds
+(``benchmark=``): MMMU and MATH-V compare at 2 decimals; MathVista, and ``generic`` (no benchmark
+named), accept a prediction that rounds to the gold's written decimals (gold "1.45" accepts 1.449;
+MathVista's ``precision`` rule) and, for ``generic`` only, a fraction gold written as a decimal of
+at least 2 places ("3.43" for 24/7); PuzzleVQA / AlgoPuzzleVQA compare exactly.
 """
 from __future__ import annotations
 
@@ -45,6 +53,11 @@ __all__ = [
     "is_correct",
     "normalize_text",
     "parse_number",
+    "BENCHMARKS",
+    "MATCH_MODES",
+    "Grader",
+    "Verdict",
+    "grade",
 ]
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -249,19 +262,59 @@ def _option_index(answer: str, choices: Sequence) -> int | None:
     if av is not None:
         for i, c in enumerate(choices):
             cv = _parse_number_full(c)
-            if cv is not None and math.isclose(av[0], cv[0], rel_tol=1e-9, abs_tol=1e-12):
+            if cv is not None and cv[0] == av[0]:
                 return i
     return None
 
 
+_CHOSEN = re.compile(
+    r"(?:\b|(?<=\())(?P<letter>[A-Z])\)?\s+(?:is|would\s+be|must\s+be|seems\s+to\s+be)\s+(?:the\s+)?"
+    r"(?:correct|right|best|answer|most\s+(?:likely|appropriate|suitable|accurate))\b"
+    r"|\b(?:I\s+(?:would\s+|will\s+)?)?(?:choose|select|pick|go\s+with)\s+(?:option\s+|choice\s+)?"
+    r"[(\[]?(?P<letter2>[A-Z])\b"
+)
+_FIRST_LINE_LETTER = re.compile(r"\s*[(\[]?([A-Z])[)\]]?[.:)]?[ \t]*\n")
+
+
+def _option_in_text(text: str, choices: Sequence) -> int | None:
+    """Index of the option whose text occurs last in ``text`` (MMMU's idea for long responses),
+    with whole-word / whole-number matching: a numeric option matches a number *token* of equal
+    value, so option "2" is not found in "2.5"; occurrences are ranked by where they end, and of two
+    ending at the same place the longer (more specific) option wins."""
+    low = normalize_text(text)
+    numbers = []
+    for m in _NUM_RE.finditer(low):
+        v = _match_value(m)
+        if v is not None and m.end() > m.start():
+            numbers.append((m.start(), m.end(), v[0]))
+    best: tuple | None = None
+    for i, c in enumerate(choices):
+        nc = normalize_text(c)
+        if not nc:
+            continue
+        cv = _parse_number_full(c)
+        spans = []
+        if cv is not None:
+            spans = [(st, en) for st, en, v in numbers if v == cv[0]]
+        else:
+            spans = [(m.start(), m.end()) for m in re.finditer(r"(?<![\w.])" + re.escape(nc) + r"(?![\w])", low)]
+        for st, en in spans:
+            key = (en, en - st, -i)
+            if best is None or key > best:
+                best = key
+    return None if best is None else -best[2]
+
+
 def extract_choice(text: str, choices: Sequence | None = None, num_choices: int | None = None) -> str | None:
-    """The multiple-choice letter a response commits to, or None.
+    """The multiple-choice letter a response commits to, or None (the lenient rule; the benchmarks'
+    own rules are in ``jaxprm.data.answer_rules``).
 
     Valid letters are the first ``len(choices)`` (or ``num_choices``, default 10) of A-Z. In
-    order: the last ``\\boxed{}`` (a letter, "B. text", or an option's text); the last explicit
-    phrase ("Answer: B", "the answer is (B)", "correct option is B."); the last "(B)"; a response
-    that is only a letter or starts with "B." / "(B)"; finally, with ``choices``, the option whose
-    text occurs last in the response (MMMU's rule for long responses).
+    order: the last ``\\boxed{}`` (a letter, "B. text", or an option's text); a first line that is
+    only a letter ("E\\n\\nExplanation: ..."); the last answer phrase ("Answer: B", "the answer is
+    (B)", "correct option is B.", "B is correct", "I choose B", capital letters only for the last
+    two); the last "(B)"; a response that is only a letter or starts with "B." / "(B)"; finally, with
+    ``choices``, the option whose text occurs last in the response (``_option_in_text``).
     """
     if not text:
         return None
@@ -279,7 +332,11 @@ def extract_choice(text: str, choices: Sequence | None = None, num_choices: int 
             if idx is not None:
                 return LETTERS[idx]
 
-    found = None
+    m = _FIRST_LINE_LETTER.match(text)
+    if m and m.group(1) in valid:
+        return m.group(1)
+
+    found, found_pos = None, -1
     for m in _ANSWER_PHRASE.finditer(text):
         letter = m.group("letter")
         if letter.upper() not in valid:
@@ -292,7 +349,12 @@ def extract_choice(text: str, choices: Sequence | None = None, num_choices: int 
                 continue
             if re.match(r"[A-Za-z0-9]", rest):  # "answer is Bx"
                 continue
-        found = letter.upper()
+        found, found_pos = letter.upper(), m.start("letter")
+    for m in _CHOSEN.finditer(text):
+        letter = m.group("letter") or m.group("letter2")
+        pos = m.start("letter") if m.group("letter") else m.start("letter2")
+        if letter in valid and pos > found_pos:
+            found, found_pos = letter, pos
     if found:
         return found
 
@@ -306,17 +368,9 @@ def extract_choice(text: str, choices: Sequence | None = None, num_choices: int 
         return letter
 
     if choices is not None:
-        low = normalize_text(text)
-        best, best_pos = None, -1
-        for i, c in enumerate(choices):
-            nc = normalize_text(c)
-            if not nc:
-                continue
-            for m in re.finditer(r"(?<![\w.])" + re.escape(nc) + r"(?![\w])", low):
-                if m.start() > best_pos:
-                    best, best_pos = i, m.start()
-        if best is not None:
-            return LETTERS[best]
+        idx = _option_in_text(text, choices)
+        if idx is not None:
+            return LETTERS[idx]
     return None
 
 
@@ -411,22 +465,40 @@ def _decimals(gold: str) -> int:
     return len(m.group(1)) if m else 0
 
 
-def _numbers_match(
-    pred: tuple[float, bool], gold: tuple[float, bool], pred_str: str | None, gold_str: str, rel_tol: float, abs_tol: float
-) -> bool:
+def _rounds_to(x: float, target: float, k: int) -> bool:
+    """``round(x, k) == target`` for a ``target`` written with ``k`` decimals (float-safe)."""
+    return abs(round(x, k) - target) <= 0.5 * 10 ** (-k - 3)
+
+
+# Rounding each benchmark's own rule applies (see the module docstring).
+_ROUND_BOTH_2 = ("mmmu", "mathvision")  # MMMU normalize_str; MATH-V is_equal: round(., 2) both sides
+_GOLD_PRECISION = (None, "generic", "mathvista")  # MathVista's precision: the gold's decimals
+_EXACT = ("puzzlevqa", "algopuzzlevqa")
+
+
+def _numbers_match(pred: tuple[float, bool], gold: tuple[float, bool], pred_str: str | None, gold_str: str,
+                   rel_tol: float, abs_tol: float, benchmark: str | None) -> bool:
     pvals = [pred[0]] + ([pred[0] / 100.0] if pred[1] else [])
     gvals = [gold[0]] + ([gold[0] / 100.0] if gold[1] else [])
     kg = _decimals(gold_str) if not gold[1] else 0
-    # a prediction written with >= 2 decimals may be the rounded form of a fraction gold (24/7 ~ 3.43)
+    # generic only: a prediction with >= 2 decimals may be the rounded form of a fraction gold (24/7 ~ 3.43)
     kp = _decimals(pred_str) if (pred_str is not None and not pred[1] and not kg) else 0
-    kp = kp if kp >= 2 else 0
+    kp = kp if (kp >= 2 and benchmark in (None, "generic")) else 0
     for p in pvals:
         for g in gvals:
-            if math.isclose(p, g, rel_tol=rel_tol, abs_tol=abs_tol):
+            if p == g:
                 return True
-            if kg and g == gold[0] and abs(round(p, kg) - g) <= 0.5 * 10 ** (-kg - 3):
+            if (rel_tol or abs_tol) and math.isclose(p, g, rel_tol=rel_tol, abs_tol=abs_tol):
                 return True
-            if kp and p == pred[0] and abs(round(g, kp) - p) <= 0.5 * 10 ** (-kp - 3):
+            if benchmark in _EXACT:
+                continue
+            if benchmark in _ROUND_BOTH_2:
+                if round(p, 2) == round(g, 2):
+                    return True
+                continue
+            if kg and g == gold[0] and _rounds_to(p, g, kg):
+                return True
+            if kp and p == pred[0] and _rounds_to(g, p, kp):
                 return True
     return False
 
@@ -454,26 +526,29 @@ def is_correct(
     pred: Any,
     gold: Any,
     choices: Sequence | None = None,
-    rel_tol: float = 1e-4,
-    abs_tol: float = 1e-8,
+    rel_tol: float = 0.0,
+    abs_tol: float = 0.0,
+    benchmark: str | None = None,
 ) -> bool:
-    """Whether an extracted prediction matches the gold answer.
+    """Whether an extracted prediction matches the gold answer: the *lenient* matcher (not any
+    benchmark's official rule; ``grade(..., mode="official")`` is that).
 
     - ``gold`` may be a list of acceptable answers (any match counts).
     - With ``choices``: gold and prediction may each be a letter or an option's text (gold text
       is matched to an option first, the prediction's letter first); letters are compared.
     - Without choices, a single uppercase-letter gold is compared to the prediction's letter.
-    - Numbers: ``math.isclose(pred, gold, rel_tol, abs_tol)``, or rounding the prediction to the
-      gold's decimals (gold "0.33" accepts 1/3), or, for a gold that is not a decimal (a
-      fraction), rounding the gold to a prediction's >= 2 decimals (gold "24/7" accepts "3.43",
-      MMMU's 2-decimal rounding); percentages also match value/100. A prediction
-      with text around one number ("12 cm") is compared through its first number.
+    - Numbers: equal values, or, with ``rel_tol`` / ``abs_tol`` given, ``math.isclose``; rounding
+      only where ``benchmark``'s rule rounds (module docstring): MMMU / MATH-V at 2 decimals,
+      MathVista and generic (``None``) to the gold's written decimals (gold "0.33" accepts 1/3),
+      generic also a >= 2-decimal prediction of a fraction gold ("3.43" for 24/7); PuzzleVQA exact.
+      Percentages also match value/100. A prediction with text around one number ("12 cm") is
+      compared through its first number.
     - Otherwise a case-, whitespace- and LaTeX-insensitive string comparison.
     """
     if pred is None or gold is None:
         return False
     if isinstance(gold, (list, tuple)):
-        return any(is_correct(pred, g, choices, rel_tol, abs_tol) for g in gold)
+        return any(is_correct(pred, g, choices, rel_tol, abs_tol, benchmark) for g in gold)
     pred_s, gold_s = str(pred), str(gold)
     np_, ng = normalize_text(pred_s), normalize_text(gold_s)
     if not np_:
@@ -499,5 +574,10 @@ def is_correct(
             if not nums:
                 return False
             pnum, pnum_str = nums[0], None
-        return _numbers_match(pnum, gnum, pnum_str, gold_s, rel_tol, abs_tol)
+        return _numbers_match(pnum, gnum, pnum_str, gold_s, rel_tol, abs_tol, benchmark)
     return False
+
+
+# The graders (official / vlprm / lenient) live in jaxprm.data.answer_rules, which builds on the
+# helpers above; imported last so that ``from jaxprm.data.answers import grade`` works.
+from jaxprm.data.answer_rules import BENCHMARKS, MATCH_MODES, Grader, Verdict, grade  # noqa: E402

@@ -195,7 +195,7 @@ def test_clean_and_normalize():
         ("3.14159", "3.1416", None, True),
         ("3.2", "3", None, False),
         ("12 cm", "12", None, True),
-        ("about 12.0001", "12", None, True),  # relative tolerance 1e-4
+        ("about 12.0001", "12", None, False),  # no relative tolerance (issue 18)
         ("12.01", "12", None, False),
         ("50%", "50", None, True),
         ("50%", "0.5", None, True),
