@@ -21,7 +21,10 @@ def get_config():
     c.model.freeze_vision = False
     c.model.head = "lm_rows"  # lm_rows ("+"/"-" rows of the lm head) | linear
     c.model.seed = 0
-    c.model.system_prompt = ""  # "": the VL-PRM system prompt (jaxprm.data.prompt.PRM_SYSTEM_PROMPT)
+    # the prompt layout (jaxprm.data.prompt.PROMPT_STYLES): "vlprm" (VL-PRM's training layout and system
+    # prompt) | "visualprm" (VisualPRM's: image after "### Question:") | "chat"; saved in the PRM's prm.json
+    c.model.prompt_style = "vlprm"
+    c.model.system_prompt = ""  # "": the prompt style's system prompt
     # assistant turns of earlier steps in the training prompt: "placeholder" ("+" everywhere: the prompt
     # PRM.score uses) | "labels" (teacher-forced true labels; scores then differ from training)
     c.model.history = "placeholder"

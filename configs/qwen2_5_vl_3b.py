@@ -16,7 +16,9 @@ def get_config():
     c.model.remat = "dots_no_batch"
     c.data.source = "records"
     c.data.format = "vlprm300k"
-    c.data.label_rule = "hybrid"
+    # "": the importer's default, the authors' released labels (judge's first error; see
+    # jaxprm.data.formats.vlprm300k); "hybrid", "mc", ... relabel by name
+    c.data.label_rule = ""
     c.data.seq_buckets = (2048, 4096)
     c.data.patch_buckets = (4096, 16384)
     c.train.grad_accum = 8

@@ -132,7 +132,7 @@ def load_assets(directory: str, *, jaxprm_dir: bool = False):
     if spec is None:
         spec = default_spec(tokenizer)
         log.info("%s has no prm.json: using the default VL-PRM spec (head 'lm_rows', the \"+\"/\"-\" rows "
-                 "%d/%d of the lm head, the default system prompt)", directory, spec.plus_id, spec.minus_id)
+                 "%d/%d of the lm head, prompt style %r)", directory, spec.plus_id, spec.minus_id, spec.prompt_style)
     spec.check_ids(vocab_size=config.text.vocab_size, label_ids=label_token_ids(tokenizer),
                    where=prm_json if os.path.exists(prm_json) else directory)
     return spec, config, tokenizer, image_processor

@@ -76,6 +76,7 @@ def validate_train_config(c) -> None:
     from jaxprm import sharding as shd
     from jaxprm.data.labels import LABEL_RULES
     from jaxprm.models.attention import IMPLS
+    from jaxprm.data.prompt import PROMPT_STYLES
     from jaxprm.models.prm import HEADS, HISTORIES
     from jaxprm.models.remat import NAMES as REMATS
     from jaxprm.optim import ROUNDINGS, SCHEDULES
@@ -98,6 +99,7 @@ def validate_train_config(c) -> None:
     need(m.remat in REMATS, f"model.remat must be one of {REMATS}, got {m.remat!r}")
     need(m.head in HEADS, f"model.head must be one of {HEADS}, got {m.head!r}")
     need(m.history in HISTORIES, f"model.history must be one of {HISTORIES}, got {m.history!r}")
+    p.choice("model.prompt_style", m.prompt_style, tuple(PROMPT_STYLES))
     need(d.source in SOURCES, f"data.source must be one of {SOURCES}, got {d.source!r}")
     if d.source == "records":
         need(bool(d.records), "data.source='records' needs --config.data.records=FILE_OR_DIR")

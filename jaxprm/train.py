@@ -147,11 +147,11 @@ def pipeline_config(c, *, train: bool, seed: int):
     """Training batches use the prompt of ``model.history``; evaluation batches always use the scoring
     prompt (placeholders in every assistant turn), so eval numbers are what ``PRM.score`` gives."""
     from jaxprm.data.pipeline import PipelineConfig
-    from jaxprm.data.prompt import PRM_SYSTEM_PROMPT, encode_mode
+    from jaxprm.data.prompt import encode_mode
 
     d = c.data
     return PipelineConfig(
-        system_prompt=c.model.system_prompt or PRM_SYSTEM_PROMPT,
+        prompt_style=c.model.prompt_style, system_prompt=c.model.system_prompt or None,
         batch_size=(c.train.batch_size if train else max(c.train.batch_size // c.train.grad_accum, 1)) // jax.process_count(),
         seq_buckets=tuple(d.seq_buckets), patch_buckets=tuple(d.patch_buckets), max_steps=d.max_steps,
         max_images=d.max_images, packing=d.packing, seed=seed, shuffle=train,
@@ -215,7 +215,7 @@ def train(c, *, step_hook=None) -> dict:
     mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     model_cfg, tok, ip = model_assets(c)
     spec = dataclasses.replace(ckpt.default_spec(tok, head=c.model.head), system_prompt=c.model.system_prompt or None,
-                               history=c.model.history, task=synthetic_task(c) if c.data.source == "synthetic" else None)
+                               prompt_style=c.model.prompt_style, history=c.model.history, task=synthetic_task(c) if c.data.source == "synthetic" else None)
     if jax.process_index() == 0:
         ckpt.save_assets(os.path.join(c.workdir, ckpt.ASSETS), spec=spec, model_config=model_cfg, tokenizer=tok,
                          image_processor=ip)

@@ -108,7 +108,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxprm.data.prompt import PRM_SYSTEM_PROMPT, POSITIVE_TOKEN, encode_prm_example
+from jaxprm.data.prompt import DEFAULT_PROMPT_STYLE, POSITIVE_TOKEN, encode_prm_example, get_prompt_style
 from jaxprm.data.schema import RecordError
 from jaxprm.data.tfds_builder import DEFAULT_NAME, data_source as _tfds_data_source, example_to_record
 from jaxprm.dtypes import float_dtype
@@ -162,7 +162,8 @@ class PipelineConfig:
     label_mode: str = "score"
     systemic_skip_limit: int = 16  # raise SystemicDataError when this many records fail before any works (0: never)
     placeholder: str = POSITIVE_TOKEN  # assistant turn of unlabelled steps (train) / all steps (score)
-    system_prompt: str = PRM_SYSTEM_PROMPT
+    prompt_style: str = DEFAULT_PROMPT_STYLE  # a name in jaxprm.data.prompt.PROMPT_STYLES
+    system_prompt: str | None = None  # None: the prompt style's
     pixel_dtype: str = "float32"  # or "bfloat16"
     pad_token_id: int | None = None  # default: tokenizer.pad_token_id, else 0
     shard_index: int | None = None  # default: jax.process_index()
@@ -207,6 +208,7 @@ class PipelineConfig:
         pos_int("worker_buffer_size", self.worker_buffer_size)
         if self.label_mode not in ("train", "score"):
             raise ValueError(f"label_mode must be 'train' or 'score', got {self.label_mode!r}")
+        get_prompt_style(self.prompt_style)  # raises ValueError naming the styles
         if self.pixel_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"pixel_dtype must be 'float32' or 'bfloat16', got {self.pixel_dtype!r}")
         if not 0 <= int(self.seed) < 2**32:
@@ -323,6 +325,7 @@ class ExampleTransform:
                 self.tokenizer, rec.question, [s.text for s in steps], [s.label for s in steps],
                 grids if len(grids) else None, merge_size=self.merge, max_length=self.max_length,
                 placeholder=cfg.placeholder, mode=cfg.label_mode, system_prompt=cfg.system_prompt,
+                style=cfg.prompt_style,
             )
         except ImportError:
             raise

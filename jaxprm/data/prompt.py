@@ -38,10 +38,39 @@ What was found, and where (read with the code-search tool; nothing here is copie
   (its InternVL port reads the logits *at* the placeholder index, an off-by-one compared with VisualPRM's
   ``find_placeholder_idx``; we follow VisualPRM and the training loss: the position before the label).
 
+Prompt styles
+-------------
+Where the image goes, the system prompt, the step markup and the label tokens differ between the two
+released families, and a checkpoint must be scored with the layout it was trained on. A
+``PromptStyle`` fixes them; ``PROMPT_STYLES`` names one per family and the PRM's saved spec
+(``prm.json``: ``prompt_style``) records which one a PRM uses:
+
+* ``"vlprm"`` (default; VL-PRM-3B/7B, VL-PRM300K): system ``PRM_SYSTEM_PROMPT``; the first user turn is
+  ``"<image>\n### Question:\n{question}\n\n### Solution Process:\n{step_1}"`` with the ``<image>``
+  placeholder replaced in place by ``<|vision_start|><|image_pad|>...<|vision_end|>`` -- the layout of the
+  released training code (vlprm ``train/qwen_trainer/qwenvl/data/data_qwen.py``,
+  ``preprocess_qwen_2_visual``: the VL-PRM300K-train rows start with ``"<image>\n"``); the steps carry
+  VL-PRM's markup (``[Visual Elements]`` / ``[Reasoning]`` headers on the first step of each section and
+  ``<step_k>...</step_k>`` tags: ``jaxprm.data.solution.mark_up_steps``), as in the released training
+  turns and in the policy outputs its search code scores.
+* ``"visualprm"`` (VisualPRM-8B, VisualPRM-8B-v1.1, VisualPRM400K): system ``VISUALPRM_SYSTEM_PROMPT``;
+  ``"### Question:\n<image>\n{question}\n\n### Solution Process:\n{step_1}"`` -- the image after the
+  question header, where VisualPRM's ``generate_steps_with_soft_score_v2`` puts it (it prepends
+  ``"<image>\n"`` to the question); plain steps (its data splits responses on blank lines).
+* ``"chat"``: the image part(s) then the text, as transformers' chat template renders
+  ``[{"type": "image"}, {"type": "text", ...}]`` (VL-PRM's evaluation code, ``VisualPRMv2.py``, builds this;
+  it lacks the ``"\n"`` after the image that training had); system ``PRM_SYSTEM_PROMPT``, plain steps. This
+  was jaxprm's only layout before prompt styles, so a ``prm.json`` without ``prompt_style`` means ``"chat"``.
+
+All three use ``"+"`` / ``"-"`` as label tokens and ``"+"`` as the scoring placeholder. On the Qwen2.5-VL
+backbone the image tokens are Qwen's; the tokens around them are the family's (checked token by token
+in ``tests/data/test_prompt_styles.py`` against each family's own layout).
+
 What this module does
 ---------------------
-Qwen2-VL chat messages: system = ``PRM_SYSTEM_PROMPT`` (overridable), first user turn = image entries
-followed by the question/first-step text, one user turn per further step, one assistant turn per step.
+Qwen2-VL chat messages: system = the style's system prompt (overridable), first user turn = image
+entries and the question/first-step text placed as the style says, one user turn per further step, one
+assistant turn per step.
 ``mode="train"`` puts the true labels in the assistant turns (unlabelled steps get the placeholder);
 ``mode="score"`` puts the placeholder in every assistant turn (inference, as VisualPRM/VL-PRM do).
 The chat-template string is tokenized once (ids equal ``tokenizer.apply_chat_template``) and each
@@ -55,6 +84,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxprm.data.tokenizer import QWEN_SPECIAL_TOKENS
+from jaxprm.models.spec import DEFAULT_PROMPT_STYLE, LEGACY_PROMPT_STYLE  # noqa: F401  (the spec's names)
 
 # VL-PRM's training system prompt (vlprm: train/qwen_trainer/qwenvl/data/prompts.py). Kept verbatim: the
 # checkpoints were trained with it, so any change shifts the model's inputs.
@@ -111,6 +141,69 @@ NEGATIVE_TOKEN = "-"
 IMAGE_PAD = "<|image_pad|>"
 MODES = ("train", "score")
 
+IMAGE_BEFORE_TEXT = "before_text"  # image(s) first, then "### Question:..." (VL-PRM)
+IMAGE_AFTER_QUESTION_HEADER = "after_question_header"  # "### Question:\n", image(s), question (VisualPRM)
+IMAGE_PLACEMENTS = (IMAGE_BEFORE_TEXT, IMAGE_AFTER_QUESTION_HEADER)
+STEP_MARKUPS = ("vlprm", "none")  # VL-PRM's headers and <step_k> tags | plain step text
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptStyle:
+    """How one family of released PRMs lays out its prompt (see the module docstring).
+
+    ``image_suffix`` is the text right after each image (``"\n"`` for an ``"<image>\n"`` placeholder).
+    ``step_markup`` is the step text the family's checkpoints saw: ``"vlprm"`` (section headers and
+    ``<step_k>`` tags, ``jaxprm.data.solution.mark_up_steps``) or ``"none"``. The prompt holds steps as
+    they are given; the importers of each published format keep its markup, and a policy prompted with
+    the family's format writes it.
+    """
+
+    name: str
+    system_prompt: str
+    image_placement: str
+    image_suffix: str
+    step_markup: str
+    positive: str = POSITIVE_TOKEN
+    negative: str = NEGATIVE_TOKEN
+    placeholder: str = POSITIVE_TOKEN
+
+    def __post_init__(self):
+        if self.image_placement not in IMAGE_PLACEMENTS:
+            raise ValueError(f"image_placement must be one of {IMAGE_PLACEMENTS}, got {self.image_placement!r}")
+        if self.step_markup not in STEP_MARKUPS:
+            raise ValueError(f"step_markup must be one of {STEP_MARKUPS}, got {self.step_markup!r}")
+        if (self.positive, self.negative) != (POSITIVE_TOKEN, NEGATIVE_TOKEN):
+            raise ValueError('only "+"/"-" label tokens are supported (every released VL-PRM/VisualPRM uses them)')
+
+    def first_turn(self, question: str, first_step: str, num_images: int) -> list[dict]:
+        """The content parts of the first user turn."""
+        images = []
+        for _ in range(int(num_images)):
+            images.append({"type": "image"})
+            if self.image_suffix:
+                images.append({"type": "text", "text": self.image_suffix})
+        if self.image_placement == IMAGE_BEFORE_TEXT or not images:
+            return images + [{"type": "text", "text": first_turn_text(question, first_step)}]
+        return ([{"type": "text", "text": "### Question:\n"}] + images
+                + [{"type": "text", "text": f"{question}\n\n### Solution Process:\n{first_step}"}])
+
+
+PROMPT_STYLES = {
+    "vlprm": PromptStyle("vlprm", PRM_SYSTEM_PROMPT, IMAGE_BEFORE_TEXT, "\n", "vlprm"),
+    "visualprm": PromptStyle("visualprm", VISUALPRM_SYSTEM_PROMPT, IMAGE_AFTER_QUESTION_HEADER, "\n", "none"),
+    "chat": PromptStyle("chat", PRM_SYSTEM_PROMPT, IMAGE_BEFORE_TEXT, "", "none"),
+}
+
+
+def get_prompt_style(style: "str | PromptStyle | None" = None) -> PromptStyle:
+    """A ``PromptStyle`` by name (None: ``DEFAULT_PROMPT_STYLE``); a ``PromptStyle`` passes through."""
+    if isinstance(style, PromptStyle):
+        return style
+    name = DEFAULT_PROMPT_STYLE if style is None else style
+    if name not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {name!r}; choose one of {sorted(PROMPT_STYLES)}")
+    return PROMPT_STYLES[name]
+
 
 def encode_mode(history: str, *, train: bool) -> str:
     """The ``encode_prm_example`` mode for a PRM's prompt history (``PRMSpec.history``).
@@ -123,7 +216,7 @@ def encode_mode(history: str, *, train: bool) -> str:
     error the model can read the answer from the history, and scores from ``PRM.score`` differ from
     what it was trained on).
     """
-    from jaxprm.models.prm import HISTORIES
+    from jaxprm.models.spec import HISTORIES
 
     if history not in HISTORIES:
         raise ValueError(f"history must be one of {HISTORIES}, got {history!r}")
@@ -182,22 +275,26 @@ def build_messages(
     labels: Sequence[int | None] | None = None,
     num_images: int = 1,
     placeholder: str = POSITIVE_TOKEN,
-    system_prompt: str = PRM_SYSTEM_PROMPT,
+    system_prompt: str | None = None,
+    *,
+    style: "str | PromptStyle | None" = None,
 ) -> list[dict]:
-    """Chat messages (HF format, content lists) for the PRM prompt.
+    """Chat messages (HF format, content lists) for the PRM prompt in ``style`` (default ``"vlprm"``).
 
     Assistant turn k holds ``"+"`` if ``labels[k] == 1``, ``"-"`` if 0, and ``placeholder`` if the label is
-    None or ``labels`` is None. ``num_images`` ``{"type": "image"}`` entries open the first user turn.
+    None or ``labels`` is None. ``num_images`` ``{"type": "image"}`` entries go where the style puts them
+    in the first user turn. ``system_prompt`` (None: the style's) replaces the system turn.
     """
+    st = get_prompt_style(style)
     _check_text(question, steps)
     if int(num_images) < 0:
         raise ValueError(f"num_images must be >= 0, got {num_images}")
     labs = _check_labels(labels, len(steps))
+    system_prompt = st.system_prompt if system_prompt is None else system_prompt
     messages: list[dict] = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}]
     for k, (step, lab) in enumerate(zip(steps, labs)):
         if k == 0:
-            content = [{"type": "image"} for _ in range(int(num_images))]
-            content.append({"type": "text", "text": first_turn_text(question, step)})
+            content = st.first_turn(question, step, num_images)
         else:
             content = [{"type": "text", "text": step}]
         messages.append({"role": "user", "content": content})
@@ -289,7 +386,8 @@ def encode_prm_example(
     placeholder: str = POSITIVE_TOKEN,
     *,
     mode: str = "score",
-    system_prompt: str = PRM_SYSTEM_PROMPT,
+    system_prompt: str | None = None,
+    style: "str | PromptStyle | None" = None,
 ) -> PromptEncoding:
     """Tokenize one (image(s), question, steps) example into the PRM prompt.
 
@@ -301,7 +399,11 @@ def encode_prm_example(
     max_length: drop whole trailing steps (never part of a step or of the image tokens) until the sequence
       fits; ``num_steps_dropped`` says how many. Raises ``ValueError`` if the question and first step alone
       do not fit.
+    style: the prompt style (``PROMPT_STYLES`` name or ``PromptStyle``; default ``"vlprm"``): image
+      placement and system prompt; ``system_prompt`` (None: the style's) overrides the latter.
     """
+    st = get_prompt_style(style)
+    system_prompt = st.system_prompt if system_prompt is None else system_prompt
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(placeholder, str) or not placeholder:
@@ -332,7 +434,7 @@ def encode_prm_example(
 
     turn_labels = labs if mode == "train" else [None] * len(labs)
     messages = build_messages(question, steps, turn_labels, num_images=len(grids), placeholder=placeholder,
-                              system_prompt=system_prompt)
+                              system_prompt=system_prompt, style=st)
     _check_no_control_tokens(question, steps, system_prompt, placeholder)
     n_steps = len(steps)
 

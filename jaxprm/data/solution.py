@@ -80,6 +80,7 @@ __all__ = [
     "has_answer",
     "join_prefix",
     "join_steps",
+    "mark_up_steps",
     "parse_prefix",
     "parse_solution",
     "render_continuation",
@@ -382,6 +383,37 @@ def join_steps(steps: Sequence[str], sep: str = STEP_SEPARATOR) -> str:
     if isinstance(steps, str):
         raise TypeError("join_steps expects a list of step strings, got a single string")
     return sep.join(s.strip("\n") for s in steps)
+
+
+def mark_up_steps(texts: Sequence[str], kinds: Sequence[str]) -> list[str]:
+    """Each step in VL-PRM's markup, as the released VL-PRM training turns hold it: ``<step_k>\\n{text}\\n
+    </step_k>`` with ``k`` counted within the step's section, and the section header (``[Visual
+    Elements]`` / ``[Reasoning]``) in front of the first step of each section.
+
+    A step that already holds a ``<step_k>`` tag is kept as it is (it still counts in its section);
+    a leading header in a step's text gives its kind and is moved into the markup. ``kinds`` are
+    ``"perception"`` / ``"reasoning"`` (``jaxprm.data.schema``).
+    """
+    if isinstance(texts, str):
+        raise TypeError("mark_up_steps expects a list of step strings, got a single string")
+    texts, kinds = list(texts), list(kinds)
+    if len(texts) != len(kinds):
+        raise ValueError(f"got {len(kinds)} kinds for {len(texts)} steps")
+    seen = {PERCEPTION: 0, REASONING: 0}
+    out = []
+    for i, (t, k) in enumerate(zip(texts, kinds)):
+        body, hdr = clean_step_with_kind(t)
+        kind = hdr or k
+        if kind not in seen:
+            raise ValueError(f"step {i}: kind must be {PERCEPTION!r} or {REASONING!r}, got {kind!r}")
+        seen[kind] += 1
+        if _STEP_TAG_RE.search(t):
+            out.append(t)
+            continue
+        n = seen[kind]
+        head = f"[{SECTION_OF_KIND[kind]}]\n" if n == 1 else ""
+        out.append(f"{head}<step_{n}>\n{body}\n</step_{n}>")
+    return out
 
 
 def format_solution(steps: Sequence[Step], sep: str = STEP_SEPARATOR) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxprm.data.preprocess import ImageProcessor
 from jaxprm.dtypes import jax_float_type
-from jaxprm.data.prompt import POSITIVE_TOKEN, PRM_SYSTEM_PROMPT, build_messages, encode_prm_example, label_token_ids
+from jaxprm.data.prompt import POSITIVE_TOKEN, build_messages, encode_prm_example, get_prompt_style, label_token_ids
 from jaxprm.data.tokenizer import QWEN_SPECIAL_TOKENS
 from jaxprm.models.prm import PRMModel
 from jaxprm.models.qwen2_5_vl import rope
@@ -87,7 +87,8 @@ class PRM:
     """
 
     def __init__(self, model: PRMModel, tokenizer, image_processor: ImageProcessor | None = None, *,
-                 system_prompt: str | None = None, max_length: int | None = None, **scorer_kwargs):
+                 system_prompt: str | None = None, prompt_style: str | None = None, max_length: int | None = None,
+                 **scorer_kwargs):
         if not isinstance(model, PRMModel):
             raise TypeError(f"PRM needs a jaxprm.models.prm.PRMModel, got {type(model).__name__}")
         self.model, self.tokenizer = model, tokenizer
@@ -100,7 +101,9 @@ class PRM:
                 self.image_processor.patch_size != cfg.vision.patch_size:
             raise ValueError(f"{self.image_processor!r} does not match the model's vision config "
                              f"(patch {cfg.vision.patch_size}, merge {cfg.vision.spatial_merge_size})")
-        self.system_prompt = system_prompt or model.spec.system_prompt or PRM_SYSTEM_PROMPT
+        # the layout the PRM was trained with (its spec), unless the caller overrides it
+        self.prompt_style = get_prompt_style(prompt_style or model.spec.prompt_style)
+        self.system_prompt = system_prompt or model.spec.system_prompt or self.prompt_style.system_prompt
         self.scorer = Scorer(model, **scorer_kwargs)
         if max_length is None:
             max_length = self.scorer.length_buckets[-1]
@@ -136,7 +139,7 @@ class PRM:
         try:
             enc = encode_prm_example(self.tokenizer, question, steps, image_grid_thw=grid,
                                      merge_size=cfg.vision.spatial_merge_size, max_length=self.max_length,
-                                     mode="score", system_prompt=self.system_prompt)
+                                     mode="score", system_prompt=self.system_prompt, style=self.prompt_style)
         except ValueError as e:
             if "max_length" not in str(e):
                 raise
@@ -422,7 +425,7 @@ class IncrementalScorer:
         if any(t in steps[-1] for t in QWEN_SPECIAL_TOKENS):
             return None  # the full encoding raises the proper error
         msgs = build_messages(self.question, steps, num_images=self._num_images, placeholder=POSITIVE_TOKEN,
-                              system_prompt=prm.system_prompt)
+                              system_prompt=prm.system_prompt, style=prm.prompt_style)
         full = tok.apply_chat_template(msgs, tokenize=False)
         head = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
         base = self._text
@@ -458,13 +461,17 @@ _resolve_dtype = jax_float_type  # the name bench/ and jaxprm.search.scorer impo
 
 
 def load_prm(path, dtype="float32", step: int | None = None, *, attn_impl: str = "auto",
-             system_prompt: str | None = None, max_length: int | None = None, **scorer_kwargs) -> PRM:
+             system_prompt: str | None = None, prompt_style: str | None = None, max_length: int | None = None,
+             **scorer_kwargs) -> PRM:
     """A ``PRM`` from a jaxprm training workdir (latest Orbax step, or ``step``), an exported PRM, or an
     HF Qwen2.5-VL directory (e.g. a released VL-PRM checkpoint; "+"/"-" rows of the lm head).
 
     ``dtype``: "float32" / "bfloat16" / "float16" (or an alias such as "bf16", see ``jaxprm.dtypes``) / a jnp
-    dtype (compute and storage). Other keyword arguments
-    go to ``PRM`` / ``Scorer`` (``batch_size``, ``length_buckets``, ``patch_buckets``, ...).
+    dtype (compute and storage). The prompt layout is the one in the PRM's ``prm.json``
+    (``prompt_style``; ``"vlprm"`` for an HF directory without one, the released VL-PRM layout);
+    ``prompt_style`` (a name in ``jaxprm.data.prompt.PROMPT_STYLES``) overrides it, e.g. ``"visualprm"``.
+    Other keyword arguments go to ``PRM`` / ``Scorer`` (``batch_size``, ``length_buckets``,
+    ``patch_buckets``, ...).
     """
     from jaxprm.checkpointing import load_prm_model
 
@@ -477,4 +484,5 @@ def load_prm(path, dtype="float32", step: int | None = None, *, attn_impl: str =
         raise FileNotFoundError(f"{path!r} is not a directory: expected a jaxprm workdir, an exported PRM or an "
                                 "HF Qwen2.5-VL directory")
     model, tok, ip = load_prm_model(path, dtype=_resolve_dtype(dtype), step=step, attn_impl=attn_impl)
-    return PRM(model, tok, ip, system_prompt=system_prompt, max_length=max_length, **scorer_kwargs)
+    return PRM(model, tok, ip, system_prompt=system_prompt, prompt_style=prompt_style, max_length=max_length,
+               **scorer_kwargs)

@@ -51,7 +51,7 @@ def raw_parquet(tmp_path):
 
 
 def test_vlprm300k_raw_exact_records(raw_parquet):
-    a, b, c = list(read_vlprm300k(raw_parquet))
+    a, b, c = list(read_vlprm300k(raw_parquet, step_text="published"))
 
     # a: error at ['Reasoning', 1]; the transcript's [Reasoning] header puts 3 steps in Visual Elements
     assert a.id == "a-1" and a.source == "vlprm300k"
@@ -124,7 +124,7 @@ def test_vlprm300k_missing_image_names_file_row_and_field(raw_parquet, tmp_path)
 
 def test_vlprm300k_rollout_jsonl_with_fractions(tmp_path):
     path = write_jsonl_rows([vlprm_rollout_row()], tmp_path / "rollouts.jsonl")
-    (r,) = read_vlprm300k(path, mc_total=8, label_rule="mc")
+    (r,) = read_vlprm300k(path, mc_total=8, label_rule="mc", step_text="published")
     assert r.id == "u-1" and r.answer == "1"
     assert steps_of(r) == [
         ("A child stands on grass.", P, 4, 8, None, 1),
@@ -175,7 +175,7 @@ def test_vlprm300k_bad_rows(tmp_path, edit, field, msg):
 # -- VL-PRM300K-train ----------------------------------------------------------------------------------------------
 def test_vlprm300k_train_messages(tmp_path):
     path = write_parquet(vlprm_train_rows(), tmp_path / "train.parquet")
-    r0, r1 = read_vlprm300k_train(path, image_root=tmp_path / "root", check_images=False)
+    r0, r1 = read_vlprm300k_train(path, image_root=tmp_path / "root", check_images=False, step_text="plain")
     assert r0.id == "train.parquet:0" and r0.source == "vlprm300k_train"
     assert r0.question == "Which tile completes the grid?"
     assert r0.images == [PNG]  # embedded bytes kept, not decoded

@@ -61,12 +61,17 @@ def _reference_ids(tok, messages, grids, merge=2):
 
 
 def test_messages_structure():
-    msgs = build_messages(QUESTION, STEPS[:3], labels=[1, 0, None], num_images=2, placeholder="+")
+    msgs = build_messages(QUESTION, STEPS[:3], labels=[1, 0, None], num_images=2, placeholder="+", style="chat")
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
     assert msgs[0]["content"] == [{"type": "text", "text": PRM_SYSTEM_PROMPT}]
     first = msgs[1]["content"]
     assert first[:2] == [{"type": "image"}, {"type": "image"}]
     assert first[2] == {"type": "text", "text": f"### Question:\n{QUESTION}\n\n### Solution Process:\n{STEPS[0]}"}
+    # the default "vlprm" style: each image is followed by "\n" (the "<image>\n" of its training rows)
+    vl = build_messages(QUESTION, STEPS[:3], labels=[1, 0, None], num_images=2, placeholder="+")
+    nl = {"type": "text", "text": "\n"}
+    assert vl[1]["content"] == [{"type": "image"}, nl, {"type": "image"}, nl, first[2]]
+    assert vl[2:] == msgs[2:] and vl[0] == msgs[0]
     assert msgs[3]["content"] == [{"type": "text", "text": STEPS[1]}]
     assert [m["content"][0]["text"] for m in msgs[2::2]] == ["+", "-", "+"]
     assert [m["content"][0]["text"] for m in build_messages(QUESTION, STEPS[:2], num_images=0)[2::2]] == ["+", "+"]

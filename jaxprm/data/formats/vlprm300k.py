@@ -35,6 +35,12 @@ has seen them) gets ``judge=None`` on every step, never an invented verdict;
 ``meta["label_evidence"]`` (``{"mc": True, "judge": bool}``) says what a label rule had, so the
 ``hybrid`` and ``judge`` rules leave such rows unsupervised rather than acting on a judge.
 
+Step text (``step_text``): ``"vlprm"`` (default) writes each step as the released VL-PRM training
+turns hold it -- ``<step_k>`` tags and the ``[Visual Elements]`` / ``[Reasoning]`` header on the first
+step of each section (``jaxprm.data.solution.mark_up_steps``), the text the released checkpoints saw;
+``"published"`` keeps the ``steps_with_score`` strings as they are (tags removed by the authors, a
+leading header sometimes left); ``"plain"`` strips every header and tag.
+
 Labels: the default rule is ``"judge"`` (``after_error="ignore"``), which reproduces the released
 VL-PRM300K training labels: "+" before the judge's first incorrect step, "-" on it, the later
 steps unsupervised (the transcript stops there), all "+" when there is no error.
@@ -48,7 +54,9 @@ with a system prompt, the first user turn ``<image>\\n### Question:\\n{question}
 Process:\\n[Visual Elements]\\n<step_1>\\n...\\n</step_1>``, one step per later user turn (a
 ``[Reasoning]`` header where that section starts) and assistant turns ``"+"`` / ``"-"``. Labels are
 taken from the assistant turns; kinds from the section headers (``unknown_kind`` before any
-header); ``<step_k>`` wrappers and headers are stripped from the step text. Plain-string
+header); the step text is kept as published (``step_text="published"``, default: the first step is
+the text after ``### Solution Process:\\n``, with its header and ``<step_k>`` tags) -- what the released
+checkpoints were trained on -- or stripped of headers and tags with ``step_text="plain"``. Plain-string
 ``content``, a leading ``{"type": "image"}`` part (or none: the image is the ``image`` column),
 a first text with or without the leading ``<image>`` token, and ShareGPT ``{"from", "value"}``
 turns (``conversations``) are accepted too.
@@ -78,13 +86,19 @@ from jaxprm.data.formats._common import (
     turn_text,
 )
 from jaxprm.data.schema import PERCEPTION, REASONING, STEP_KINDS, Record, RecordError, Step
-from jaxprm.data.solution import clean_step_with_kind, split_tagged_steps
+from jaxprm.data.solution import clean_step, clean_step_with_kind, mark_up_steps, split_tagged_steps
 
 SOURCE = "vlprm300k"
 SOURCE_TRAIN = "vlprm300k_train"
 VISUAL_SECTIONS = ("visual elements", "perception")
 _LEADING_IMAGE_RE = re.compile(r"^\s*(?:<image>\s*)+")
 JUDGE_FIELD = "first_incorrect_step"
+STEP_TEXTS = ("vlprm", "published", "plain")  # see the module docstring
+
+
+def _check_step_text(step_text: str, allowed=STEP_TEXTS) -> None:
+    if step_text not in allowed:
+        raise ValueError(f"step_text must be one of {allowed}, got {step_text!r}")
 
 
 def _strip_leading_image(text: str) -> str:
@@ -157,7 +171,8 @@ def _sections_from_step_text(texts: list[str]) -> int | None:
     return None
 
 
-def _raw_to_record(row: Any, where: str, *, mc_total, image_column, unknown_kind, label_fn) -> Record:
+def _raw_to_record(row: Any, where: str, *, mc_total, image_column, unknown_kind, label_fn,
+                   step_text: str = "vlprm") -> Record:
     if not isinstance(row, dict):
         raise RecordError(f"record '<no id>': a row must be an object, got {type(row).__name__}")
     rid = _row_id(row, where)
@@ -226,6 +241,10 @@ def _raw_to_record(row: Any, where: str, *, mc_total, image_column, unknown_kind
             raise fail(rid, "first_incorrect_step", f"[{section!r}, {idx}] is step {g} but there are only {n} steps")
         judges = [1] * g + [0] + [None] * (n - g - 1)
 
+    if step_text == "vlprm":
+        texts = mark_up_steps(texts, kinds)
+    elif step_text == "plain":
+        texts = [clean_step(t) for t in texts]
     steps = [
         Step(text=t, kind=k, num_mc_correct=c, num_mc_total=tot, judge=j)
         for t, k, (c, tot), j in zip(texts, kinds, counts, judges)
@@ -265,6 +284,7 @@ def read_vlprm300k(
     mc_total: int | None = 16,
     image_column: str = "image",
     unknown_kind: str = REASONING,
+    step_text: str = "vlprm",
     on_error: str = "raise",
     stats: ImportStats | None = None,
     check_images: bool | None = None,
@@ -276,22 +296,25 @@ def read_vlprm300k(
     ``first_incorrect_step``, "-" on it, later steps unsupervised, all "+" when it is None),
     ``"hybrid"``, ``"mc"``, ``"vlprm_v2"``, a callable, or None (labels left unset), with keyword
     arguments ``label_kw`` (see ``jaxprm.data.labels``). ``mc_total``: rollouts per step when a row stores only the fraction ``score``. ``image_column``: ``"image"`` or
-    ``"image_qwen_smart_resize"``. ``check_images`` (default: when ``image_root`` is given) reports a
-    missing image file as a bad row. ``on_error="skip"`` logs and counts bad rows in ``stats``.
+    ``"image_qwen_smart_resize"``. ``step_text``: ``"vlprm"`` (default: the released training turns'
+    markup), ``"published"`` or ``"plain"`` (module docstring). ``check_images`` (default: when
+    ``image_root`` is given) reports a missing image file as a bad row. ``on_error="skip"`` logs and
+    counts bad rows in ``stats``.
     """
     _check_kind(unknown_kind)
+    _check_step_text(step_text)
     label_fn = resolve_label_rule(label_rule, label_kw)
 
     def convert(row, where):
         return _raw_to_record(row, where, mc_total=mc_total, image_column=image_column,
-                              unknown_kind=unknown_kind, label_fn=label_fn)
+                              unknown_kind=unknown_kind, label_fn=label_fn, step_text=step_text)
 
     return run_import(path, convert, on_error=on_error, stats=stats, image_root=image_root,
                       check_images=check_images, allow_outside_root=allow_outside_root)
 
 
 # -- training (chat messages) ----------------------------------------------------------------------------
-def _train_to_record(row: Any, where: str, *, unknown_kind, label_fn) -> Record:
+def _train_to_record(row: Any, where: str, *, unknown_kind, label_fn, step_text: str = "published") -> Record:
     if not isinstance(row, dict):
         raise RecordError(f"record '<no id>': a row must be an object, got {type(row).__name__}")
     rid = _row_id(row, where)
@@ -308,9 +331,10 @@ def _train_to_record(row: Any, where: str, *, unknown_kind, label_fn) -> Record:
     question, first = split_question(_strip_leading_image(pairs[0][0]), rid, f"{key}[{pairs[0][2]}]")
     steps, kind = [], None
     for k, (text, label, _) in enumerate(pairs):
-        t, hdr = clean_step_with_kind(first if k == 0 else text)
+        raw = first if k == 0 else text
+        t, hdr = clean_step_with_kind(raw)
         kind = hdr or kind
-        steps.append(Step(text=t, kind=kind or unknown_kind, label=label))
+        steps.append(Step(text=t if step_text == "plain" else raw.strip(), kind=kind or unknown_kind, label=label))
     images = images_from(row.get("image"), rid, "image") + images_from(row.get("images"), rid, "images")
     rec = Record(
         id=rid,
@@ -330,6 +354,7 @@ def read_vlprm300k_train(
     label_kw: dict | None = None,
     *,
     unknown_kind: str = REASONING,
+    step_text: str = "published",
     on_error: str = "raise",
     stats: ImportStats | None = None,
     check_images: bool | None = None,
@@ -337,12 +362,14 @@ def read_vlprm300k_train(
 ) -> Iterator[Record]:
     """Read VL-PRM300K-train rows (``image`` + chat ``messages``). Labels come from the ``+``/``-``
     assistant turns unless ``label_rule`` is given (the rows carry no MC counts or judge fields, so
-    the rules can only produce neutral labels here)."""
+    the rules can only produce neutral labels here). ``step_text``: ``"published"`` (default: the turn
+    text as published, headers and ``<step_k>`` tags kept) or ``"plain"`` (stripped)."""
     _check_kind(unknown_kind)
+    _check_step_text(step_text, ("published", "plain"))
     label_fn = resolve_label_rule(label_rule, label_kw)
 
     def convert(row, where):
-        return _train_to_record(row, where, unknown_kind=unknown_kind, label_fn=label_fn)
+        return _train_to_record(row, where, unknown_kind=unknown_kind, label_fn=label_fn, step_text=step_text)
 
     return run_import(path, convert, on_error=on_error, stats=stats, image_root=image_root,
                       check_images=check_images, allow_outside_root=allow_outside_root)
