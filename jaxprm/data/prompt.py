@@ -375,6 +375,82 @@ def _count_tokens_before(tokenizer, text: str, ids, starts, char_pos: int) -> in
     return len(prefix)
 
 
+# Private-use code points: marks standing in for the assistant labels in one extra render, never in real text.
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+
+
+_SUFFIX_CACHE: dict[str, str | None] = {}
+
+
+def _assistant_turn_suffix(tokenizer) -> str | None:
+    """What the chat template writes after an assistant turn's content (``"<|im_end|>\\n"`` for ChatML),
+    from a two-message conversation (cached per template); None when it cannot tell."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template in _SUFFIX_CACHE:
+        return _SUFFIX_CACHE[template]
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": POSITIVE_TOKEN}]}]
+    head, through = _render(tokenizer, msgs[:1], add_generation_prompt=True), _render(tokenizer, msgs)
+    suffix = through[len(head) + len(POSITIVE_TOKEN):] if through.startswith(head + POSITIVE_TOKEN) else None
+    if isinstance(template, str):
+        _SUFFIX_CACHE[template] = suffix
+    return suffix
+
+
+def _label_spans_marked(tokenizer, messages, label_strs, text):
+    """(label start chars, assistant turn end chars) from one render in which every assistant label is a
+    numbered mark; None when that cannot be trusted (the caller then renders prefix by prefix).
+
+    The marked render, with each mark put back to its label, must equal ``text`` exactly; a turn ends
+    with the template's assistant suffix (``_assistant_turn_suffix``), checked in ``text``. 2 renders per
+    prompt instead of ``2n + 1`` for n steps."""
+    if _MARK_OPEN in text or _MARK_CLOSE in text:
+        return None
+    marked = [dict(m) for m in messages]
+    for k in range(len(label_strs)):
+        marked[2 * k + 2] = {"role": "assistant", "content": [{"type": "text", "text": f"{_MARK_OPEN}{k}{_MARK_CLOSE}"}]}
+    mt = _render(tokenizer, marked)
+    suffix = _assistant_turn_suffix(tokenizer)
+    if suffix is None:
+        return None
+    starts, ends, parts, at, shift = [], [], [], 0, 0
+    for k, lab in enumerate(label_strs):
+        mark = f"{_MARK_OPEN}{k}{_MARK_CLOSE}"
+        i = mt.find(mark, at)
+        if i < 0:
+            return None
+        parts.append(mt[at:i])
+        parts.append(lab)
+        start = i - shift
+        starts.append(start)
+        ends.append(start + len(lab) + len(suffix))
+        shift += len(mark) - len(lab)
+        at = i + len(mark)
+    parts.append(mt[at:])
+    if "".join(parts) != text:
+        return None
+    if any(text[s + len(lab): e] != suffix for s, e, lab in zip(starts, ends, label_strs)):
+        return None
+    return starts, ends
+
+
+def _label_spans_by_prefix(tokenizer, messages, label_strs, text):
+    """The same spans for any template: the conversation rendered up to user turn k with the generation
+    prompt ends exactly where assistant turn k's content starts."""
+    label_chars, turn_end_chars = [], []
+    for k, lab_s in enumerate(label_strs):
+        head = _render(tokenizer, messages[: 2 * k + 2], add_generation_prompt=True)
+        through = _render(tokenizer, messages[: 2 * k + 3])
+        if not text.startswith(head) or not text.startswith(through) or text[len(head): len(head) + len(lab_s)] != lab_s:
+            raise RuntimeError(
+                "the tokenizer's chat template does not render conversations prefix by prefix; cannot locate "
+                f"the label of step {k}"
+            )
+        label_chars.append(len(head))
+        turn_end_chars.append(len(through))
+    return label_chars, turn_end_chars
+
+
 def encode_prm_example(
     tokenizer,
     question: str,
@@ -441,21 +517,10 @@ def encode_prm_example(
     text = _render(tokenizer, messages)
     ids, starts, ends = _tokenize(tokenizer, text)
 
-    # Character span of each assistant label: the template rendered up to user turn k with the generation
-    # prompt ends exactly where assistant turn k's content starts.
-    label_chars, turn_end_chars, label_strs = [], [], []
-    for k in range(n_steps):
-        head = _render(tokenizer, messages[: 2 * k + 2], add_generation_prompt=True)
-        through = _render(tokenizer, messages[: 2 * k + 3])
-        lab_s = _label_text(turn_labels[k], placeholder)
-        if not text.startswith(head) or not text.startswith(through) or text[len(head): len(head) + len(lab_s)] != lab_s:
-            raise RuntimeError(
-                "the tokenizer's chat template does not render conversations prefix by prefix; cannot locate "
-                f"the label of step {k}"
-            )
-        label_chars.append(len(head))
-        turn_end_chars.append(len(through))
-        label_strs.append(lab_s)
+    label_strs = [_label_text(turn_labels[k], placeholder) for k in range(n_steps)]
+    spans = _label_spans_marked(tokenizer, messages, label_strs, text)
+    label_chars, turn_end_chars = spans if spans is not None else _label_spans_by_prefix(tokenizer, messages,
+                                                                                         label_strs, text)
 
     # Token index of each label (before image-pad expansion) and its verification.
     label_tok = []

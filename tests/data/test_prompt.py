@@ -278,3 +278,37 @@ def test_slow_tokenizer_path_matches_offsets_path(tok):
                              max_length=len(fast) - 1)
     assert cut.num_steps_dropped == 1
     np.testing.assert_array_equal(cut.input_ids, fast.input_ids[: len(cut)])
+
+
+@pytest.mark.parametrize("style", ["vlprm", "visualprm", "chat"])
+@pytest.mark.parametrize("mode", ["score", "train"])
+def test_one_render_label_spans_equal_prefix_by_prefix(tok, monkeypatch, style, mode):
+    """The fast path (one marked render) finds the same label and turn-end positions as rendering the
+    conversation prefix by prefix, also when truncating."""
+    import jaxprm.data.prompt as P
+
+    grids = np.array([[1, 4, 6]])
+    kw = dict(labels=[1, 0, None, 0], image_grid_thw=grids, mode=mode, style=style)
+    fast = [encode_prm_example(tok, QUESTION, STEPS, **kw),
+            encode_prm_example(tok, QUESTION, STEPS, max_length=len(encode_prm_example(tok, QUESTION, STEPS, **kw)) - 3,
+                               **kw)]
+    calls = []
+    monkeypatch.setattr(P, "_label_spans_marked", lambda *a: calls.append(1))  # -> None: the slow path
+    slow = [encode_prm_example(tok, QUESTION, STEPS, **kw),
+            encode_prm_example(tok, QUESTION, STEPS, max_length=len(fast[0]) - 3, **kw)]
+    assert calls and fast[1].num_steps_dropped == 1
+    for f, s in zip(fast, slow):
+        for name in ("input_ids", "label_positions", "label_token_index", "labels"):
+            np.testing.assert_array_equal(getattr(f, name), getattr(s, name))
+        assert f.text == s.text and f.num_steps_dropped == s.num_steps_dropped
+
+
+def test_marked_render_is_refused_when_text_holds_the_marks(tok):
+    import jaxprm.data.prompt as P
+
+    steps = [STEPS[0] + P._MARK_OPEN + "0" + P._MARK_CLOSE, STEPS[1]]
+    enc = encode_prm_example(tok, QUESTION, steps, labels=[1, 0], mode="train")
+    msgs = build_messages(QUESTION, steps, [1, 0], num_images=0)
+    assert P._label_spans_marked(tok, msgs, ["+", "-"], enc.text) is None  # falls back, same result
+    plus, minus = label_token_ids(tok)
+    np.testing.assert_array_equal(enc.input_ids[enc.label_token_index], [plus, minus])
