@@ -55,6 +55,7 @@ __all__ = [
     "parse_number",
     "BENCHMARKS",
     "MATCH_MODES",
+    "MMMU_SEED",
     "Grader",
     "Verdict",
     "grade",
@@ -581,3 +582,4 @@ def is_correct(
 # The graders (official / vlprm / lenient) live in jaxprm.data.answer_rules, which builds on the
 # helpers above; imported last so that ``from jaxprm.data.answers import grade`` works.
 from jaxprm.data.answer_rules import BENCHMARKS, MATCH_MODES, Grader, Verdict, grade  # noqa: E402
+from jaxprm.data.answer_rules.mmmu import MMMU_SEED  # noqa: E402

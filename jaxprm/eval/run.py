@@ -14,8 +14,14 @@ Commands::
 a list of step strings or ``{"text": ...}``. With ``--policy``, problems without candidates are
 sampled (``--n-samples``, default ``--max-n``) and appended to the candidates file (default
 ``DIR/candidates.jsonl``) as they finish, so an interrupted run resumes and later runs reuse them.
-Each candidate's answer is extracted (``answers.extract_answer``) and checked against the gold
-answer (``answers.is_correct``); the PRM scores each candidate's steps once per problem (and the
+Each candidate is judged against the gold answer under ``--match`` (``answers.Grader``):
+``official`` (default) reproduces the benchmark's own evaluator (MMMU, MathVista, MATH-V,
+PuzzleVQA / AlgoPuzzleVQA; a ``generic`` file has none and is graded ``lenient``), ``vlprm``
+VL-PRM's own check, ``lenient`` the format-robust matcher. ``--judge-base-url/--judge-model``
+name an OpenAI-compatible model used as MathVista's answer extractor (official) or VL-PRM's
+option judge (vlprm); a candidate ``{"text": ..., "extraction": ...}`` brings its own extracted
+answer. The results name the mode (``match``) and count, per mode, the unparseable answers and
+the evaluator's fallback guesses (``answers``). The PRM scores each candidate's steps once per problem (and the
 whole solution as one step for ``orm``). Curves for N = 1..max-n: best-of-N for each aggregation
 (exact expectation over N-subsets of all of a problem's candidates, ``bon_curve``), the pass@N
 oracle and majority vote (``majority_curve``, estimated from ``--majority-samples`` random subsets
@@ -78,7 +84,12 @@ def _tqdm(it, progress: bool, **kw):
 
 
 def load_prm(path: str):
-    """``jaxprm.load_prm(path)`` (falls back to ``jaxprm.scoring.load_prm``)."""
+    """``jaxprm.load_prm(path)`` (falls back to ``jaxprm.scoring.load_prm``); an http(s):// URL is a PRM
+    server (``python -m jaxprm.serve``) scored through ``jaxprm.scoring.RemotePRM`` (key: env JAXPRM_API_KEY)."""
+    if isinstance(path, str) and path.startswith(("http://", "https://")):
+        from jaxprm.scoring.remote import RemotePRM
+
+        return RemotePRM(path)
     try:
         from jaxprm import load_prm as _load
     except ImportError:
@@ -235,6 +246,22 @@ def load_candidates(path: str) -> dict[str, list[str]]:
     return out
 
 
+def load_candidate_extractions(path: str) -> dict[str, list]:
+    """``{problem id: [extracted answer or None, ...]}`` aligned with ``load_candidates``: a
+    candidate ``{"text": ..., "extraction": ...}`` brings an answer extracted beforehand (e.g.
+    MathVista's ``extraction`` field); problems without any are left out."""
+    out: dict[str, list] = {}
+    for where, row in iter_jsonl(path):
+        if isinstance(row, BadLine) or not isinstance(row, dict):
+            continue  # load_candidates reports these
+        pid = row.get("id")
+        cands = next((row[k] for k in _CANDIDATE_KEYS if k in row), None)
+        if pid is None or not isinstance(cands, list):
+            continue
+        out.setdefault(str(pid), []).extend(c.get("extraction") if isinstance(c, dict) else None for c in cands)
+    return {k: v for k, v in out.items() if any(x is not None for x in v)}
+
+
 def make_policy(args):
     """The sampling policy named by ``--policy`` (None without one)."""
     from jaxprm.search import policy as pol
@@ -308,10 +335,37 @@ def _table_ns(max_n: int) -> list[int]:
     return ns
 
 
+def _other_mode_counts(problems: list[dict], candidates: dict[str, list[str]], extractions: dict | None,
+                       mode: str, benchmark: str | None, answer_kind: str, seed: int) -> dict:
+    """Counts of the rule-only graders of the modes other than ``mode`` (no extractor / judge), so
+    the report shows how the modes differ on these candidates."""
+    out = {}
+    for other in ans_lib.MATCH_MODES:
+        if other == mode:
+            continue
+        g = ans_lib.Grader(other, benchmark, seed=seed, answer_kind=answer_kind)
+        for p in problems:
+            ex = (extractions or {}).get(p["id"]) or []
+            for j, c in enumerate(candidates[p["id"]]):
+                g(c, p, ex[j] if j < len(ex) else None)
+        rep = g.report()
+        rep["accuracy_at_1"] = rep["correct"] / rep["n"] if rep["n"] else 0.0
+        rep["rules_only"] = True
+        out[other] = rep
+    return out
+
+
 def evaluate_bon(prm, problems: list[dict], candidates: dict[str, list[str]], *, max_n: int = 64,
                  aggregations: Sequence[str] = ("mean", "min", "last", "product", "orm"), answer_kind: str = "auto",
-                 num_samples: int = 200, seed: int = 0, progress: bool = True, where: str = "candidates") -> dict:
-    """Best-of-N results (see the module docstring) as a JSON-able dict."""
+                 num_samples: int = 200, seed: int = 0, progress: bool = True, where: str = "candidates",
+                 match: str = "official", grader=None, extractions: dict | None = None,
+                 compare_modes: bool = False) -> dict:
+    """Best-of-N results (see the module docstring) as a JSON-able dict.
+
+    Answers are judged by ``grader`` (an ``answers.Grader``), by default ``Grader(match)`` on each
+    problem's ``source`` benchmark (``official`` on problems without one is ``lenient``).
+    ``extractions``: ``{problem id: [extracted answer or None per candidate]}``. With
+    ``compare_modes`` the rule-only counts of the other two modes are added under ``answers``."""
     from jaxprm.search.search import aggregate_scores, score_candidates, score_orm
 
     missing = [p["id"] for p in problems if not candidates.get(p["id"])]
@@ -323,16 +377,20 @@ def evaluate_bon(prm, problems: list[dict], candidates: dict[str, list[str]], *,
               file=sys.stderr)
         max_n = n_min
     ns = list(range(1, max_n + 1))
+    grader = grader if grader is not None else ans_lib.Grader(match, seed=ans_lib.MMMU_SEED, answer_kind=answer_kind)
     per_problem, correct_all, votes_all = [], [], []
     scores_all: dict[str, list[np.ndarray]] = {a: [] for a in aggregations}
     for p in _tqdm(problems, progress, desc="scoring candidates", unit="problem"):
         cands = candidates[p["id"]]
         image, question = _image_arg(p["images"]), _problem_question(p)
-        preds = [ans_lib.extract_answer(c, answer_kind, p.get("choices")) for c in cands]
+        ex = (extractions or {}).get(p["id"]) or []
+        verdicts = [grader(c, p, ex[j] if j < len(ex) else None) for j, c in enumerate(cands)]
+        preds = [v.pred for v in verdicts]
         gold = p["answer"]
-        correct = np.asarray([ans_lib.is_correct(x, gold, p.get("choices")) for x in preds], bool)
+        correct = np.asarray([v.correct for v in verdicts], bool)
         step_lists, step_scores = score_candidates(prm, image, question, cands)
         entry = {"id": p["id"], "answer": gold, "n": len(cands), "predictions": preds,
+                 "answer_status": [v.status for v in verdicts],
                  "correct": correct.tolist(), "num_steps": [len(s) for s in step_lists],
                  "step_scores": [s.tolist() for s in step_scores], "scores": {}}
         for how in aggregations:
@@ -341,7 +399,7 @@ def evaluate_bon(prm, problems: list[dict], candidates: dict[str, list[str]], *,
             entry["scores"][how] = s.tolist()
         per_problem.append(entry)
         correct_all.append(correct)
-        votes_all.append([_vote_key(x) for x in preds])
+        votes_all.append([_vote_key(v.vote_key) for v in verdicts])
     curves: dict[str, dict] = {}
     for how in aggregations:
         curves[f"bon_{how}"] = {"ns": ns, "acc": bon_lib.bon_curve(scores_all[how], correct_all, ns)[1].tolist()}
@@ -349,9 +407,30 @@ def evaluate_bon(prm, problems: list[dict], candidates: dict[str, list[str]], *,
     curves["majority"] = {"ns": ns, "acc": bon_lib.majority_curve(votes_all, correct_all, ns, num_samples=num_samples,
                                                                   seed=seed)[1].tolist()}
     curves["pass@n"] = {"ns": ns, "acc": bon_lib.pass_at_n_curve(correct_all, ns)[1].tolist()}
+    report = grader.report()
+    report["accuracy_at_1"] = report["correct"] / report["n"] if report["n"] else 0.0
+    answers = {grader.mode: report}
+    if compare_modes:
+        answers.update(_other_mode_counts(problems, candidates, extractions, grader.mode, grader.benchmark,
+                                          answer_kind, grader.seed))
     return {"n_problems": len(problems), "max_n": max_n, "ns": ns, "aggregations": list(aggregations),
+            "match": grader.mode, "match_effective": sorted({grader.effective_mode(p.get("source")) for p in problems}),
+            "answers": answers,
             "curves": curves, "accuracy_at_1": float(np.mean([c.mean() for c in correct_all])),
             "per_problem": per_problem}
+
+
+def _answers_report(res: dict) -> str:
+    """One line per mode: how many answers were unparseable and how many were the evaluator's
+    fallback guesses."""
+    lines = []
+    for mode, r in res.get("answers", {}).items():
+        tag = " (rules only)" if r.get("rules_only") else ""
+        eff = r.get("effective_mode")
+        eff = f" -> {eff}" if eff and eff != mode else ""
+        lines.append(f"answers [{mode}{eff}{tag}]: {r['n']} judged, accuracy@1 {r['accuracy_at_1']:.4f}, "
+                     f"{r['unparseable']} unparseable, {r['guesses']} fallback guesses")
+    return "\n".join(lines)
 
 
 def _bon_table(res: dict) -> str:
@@ -361,6 +440,11 @@ def _bon_table(res: dict) -> str:
         at = dict(zip(c["ns"], c["acc"]))
         rows.append([name] + [at.get(n, float("nan")) for n in cols])
     return format_table(["method"] + [f"N={n}" for n in cols], rows)
+
+
+def _match_label(res: dict) -> str:
+    eff = res.get("match_effective") or [res["match"]]
+    return res["match"] if eff == [res["match"]] else f"{res['match']} -> {'/'.join(eff)}"
 
 
 def cmd_bon(args, prm=None, policy=None) -> dict:
@@ -396,12 +480,22 @@ def cmd_bon(args, prm=None, policy=None) -> dict:
         if not os.path.exists(cand_path):
             raise InputError(f"candidates file {cand_path!r} not found (give --candidates, or --policy to sample them)")
         candidates = load_candidates(cand_path)
+    extractions = load_candidate_extractions(cand_path) if os.path.exists(cand_path) else {}
+    text_fn = None
+    if args.judge_model or args.judge_base_url:
+        if not (args.judge_model and args.judge_base_url):
+            raise InputError("--judge-base-url and --judge-model go together")
+        text_fn = ans_lib.openai_text_fn(args.judge_base_url, args.judge_model, api_key=args.judge_api_key,
+                                         max_retries=args.max_retries)
+    grader = ans_lib.Grader(args.match, args.format, seed=args.mmmu_seed, answer_kind=args.answer_kind,
+                            extractor=text_fn if args.match == "official" else None,
+                            judge=text_fn if args.match == "vlprm" else None)
     prm = prm if prm is not None else load_prm(args.prm)
     res = evaluate_bon(prm, problems, candidates, max_n=args.max_n, aggregations=aggs, answer_kind=args.answer_kind,
                        num_samples=args.majority_samples, seed=args.seed, progress=not args.no_progress,
-                       where=cand_path)
+                       where=cand_path, grader=grader, extractions=extractions, compare_modes=True)
     res.update({"data": args.data, "format": args.format, "candidates": cand_path, "prm": args.prm,
-                "skipped": _skipped_summary(skipped)})
+                "judge_model": args.judge_model, "skipped": _skipped_summary(skipped)})
     if skipped:
         print(f"skipped {len(skipped)} problem(s) whose images cannot be scored (see 'skipped' in bon_results.json)",
               file=sys.stderr)
@@ -409,8 +503,10 @@ def cmd_bon(args, prm=None, policy=None) -> dict:
     _write_json(os.path.join(args.out, "bon_results.json"), res)
     curves = {name: (c["ns"], c["acc"]) for name, c in res["curves"].items()}
     bon_lib.plot_bon_curve(curves, os.path.join(args.out, "bon_curve.png"),
-                           title=f"best-of-N on {os.path.basename(args.data)} ({res['n_problems']} problems)")
+                           title=f"best-of-N on {os.path.basename(args.data)} ({res['n_problems']} problems, "
+                                 f"match: {_match_label(res)})")
     print(_bon_table(res))
+    print(_answers_report(res))
     print(f"wrote {os.path.join(args.out, 'bon_results.json')} and {os.path.join(args.out, 'bon_curve.png')}")
     return res
 
@@ -703,7 +799,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-n", type=int, default=64)
     b.add_argument("--aggregate", default=DEFAULT_AGGREGATIONS,
                    help=f"comma-separated aggregations (default {DEFAULT_AGGREGATIONS}; also length_normalized)")
-    b.add_argument("--answer-kind", default="auto", choices=ans_lib.KINDS)
+    b.add_argument("--match", default="official", choices=ans_lib.MATCH_MODES,
+                   help="how answers are judged: official (the benchmark's own evaluator, quirks included; "
+                        "generic files: lenient), vlprm (VL-PRM's \\boxed{} check), lenient (format-robust)")
+    b.add_argument("--answer-kind", default="auto", choices=ans_lib.KINDS, help="extraction kind for --match lenient")
+    b.add_argument("--mmmu-seed", type=int, default=ans_lib.MMMU_SEED,
+                   help="seed of MMMU's random fallback guess (official: 42)")
+    b.add_argument("--judge-base-url", default=None,
+                   help="OpenAI-compatible server of the answer model: MathVista's extractor (--match official) "
+                        "or VL-PRM's option judge (--match vlprm)")
+    b.add_argument("--judge-model", default=None, help="model name of the answer model on that server")
+    b.add_argument("--judge-api-key", default=None)
     b.add_argument("--out", required=True, help="output directory")
     b.add_argument("--limit", type=int, default=None, help="only the first N problems")
     b.add_argument("--seed", type=int, default=0)

@@ -210,6 +210,7 @@ class _Parser:
         self.sp = sympy
         self.toks = _tokens(s)
         self.i = 0
+        self.symbols: set[str] = set()  # every letter read (sympy may simplify x*0 away; eval() would not)
 
     def peek(self):
         return self.toks[self.i] if self.i < len(self.toks) else (None, None)
@@ -225,7 +226,9 @@ class _Parser:
         if not self.toks:
             raise _ParseError("empty")
         e = self.expr()
-        if self.i != len(self.toks):
+        # latex2sympy's grammar does not require the end of input: a complete expression followed
+        # by an unmatched "}" is read as that expression (MATH-V counts "2\\sqrt{3}}.so,..." as 2√3)
+        if self.i != len(self.toks) and self.peek() != ("op", "}"):
             raise _ParseError(f"unexpected {self.peek()[1]!r}")
         return e
 
@@ -297,6 +300,7 @@ class _Parser:
             return sp.Integer(v)
         if k == "sym":
             self.take()
+            self.symbols.add(v)
             return sp.Symbol(v)
         if k == "op" and v in "({[":
             close = {"(": ")", "{": "}", "[": "]"}[v]
@@ -329,17 +333,18 @@ def latex_value(s: str) -> float:
     """The numeric value MATH-V computes as ``eval(str(latex2sympy(s)))`` (``from math import *``
     in scope), for the subset in the module docstring. Raises ``ValueError`` when the string is
     outside it or does not evaluate to a real number (the official code then says "not equal")."""
+    s = s.replace("$", "")  # latex2sympy reads "$x$" as x
+    parser = _Parser(s)
     try:
-        expr = _Parser(s).parse()
+        expr = parser.parse()
     except (_ParseError, ZeroDivisionError, TypeError) as e:
         raise ValueError(f"cannot parse {s!r}: {e}") from None
     subs = {}
-    for sym in expr.free_symbols:
-        name = str(sym)
+    for name in parser.symbols:
         val = _MATH_NAMES.get(name)
         if not isinstance(val, (int, float)):
             raise ValueError(f"{s!r}: free symbol {name!r}")  # eval(): NameError
-        subs[sym] = val
+        subs[parser.sp.Symbol(name)] = val
     if subs:
         expr = expr.subs(subs)
     try:
@@ -355,7 +360,7 @@ def _python_int(sub: str, value: float) -> bool:
     """Whether ``eval(str(latex2sympy(sub)))`` is a Python int: integer literals combined with
     + - * and non-negative integer powers (sympy keeps them Integer, and a square root that comes
     out whole too); any division, decimal, ``\\pi`` or letter makes it a float."""
-    toks = _tokens(sub)
+    toks = _tokens(sub.replace("$", ""))
     for k, v in toks:
         if k == "num" and "." in v:
             return False
