@@ -171,14 +171,16 @@ class PRM:
         """``items``: a list of (image, question, steps); returns one score array per item."""
         if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
             raise TypeError(f"items must be a list of (image, question, steps) tuples, got {type(items).__name__}")
-        encoded = []
+        encoded, images = [], {}  # an image object given for several items is preprocessed once
         for n, item in enumerate(items):
             if not isinstance(item, (tuple, list)) or len(item) != 3:
                 raise TypeError(f"items[{n}] must be an (image, question, steps) tuple, got {type(item).__name__}"
                                 + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""))
             image, question, steps = item
             steps = _check_question_steps(question, steps, f"items[{n}]")
-            pv, grid = self._images(image)
+            if id(image) not in images:  # the items hold their images alive, so ids are not reused here
+                images[id(image)] = self._images(image)
+            pv, grid = images[id(image)]
             encoded.append(self._encode(pv, grid, question, steps, f"items[{n}]"))
         seqs = [TokenSequence(e.input_ids, e.position_ids, e.label_positions, e.pixel_values, e.grid) for e in encoded]
         probs = self.scorer.score_sequences(seqs)

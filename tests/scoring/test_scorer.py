@@ -187,6 +187,19 @@ def test_alone_equals_padded_batch(prm, records):
         np.testing.assert_allclose(b, alone, atol=1e-6, rtol=0)
 
 
+def test_an_image_shared_by_items_is_preprocessed_once(prm, records, monkeypatch):
+    r = records[0]
+    items = [(r.images[0], r.question, _steps(r)[:k]) for k in (1, 2, 3)]
+    expect = [prm.score(*it) for it in items]
+    calls = []
+    real = prm.image_processor.__call__
+    monkeypatch.setattr(type(prm.image_processor), "__call__", lambda self, imgs, *a, **k: calls.append(1) or real(imgs, *a, **k))
+    got = prm.score_batch(items)
+    assert len(calls) == 1
+    for g, e in zip(got, expect):
+        np.testing.assert_allclose(g, e, atol=1e-6, rtol=0)
+
+
 def test_max_length_drops_trailing_steps(prm, records):
     rec = next(r for r in records if len(r.steps) >= 4)
     full = prm.score(rec.images[0], rec.question, _steps(rec))
@@ -349,6 +362,14 @@ def test_errors(prm, records, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # benchmark smoke run (CPU, tiny)
 # ------------------------------------------------------------------------------------------------
+def test_host_bench_smoke(monkeypatch, capsys):
+    import bench.host_bench as hb
+
+    monkeypatch.setattr(hb, "candidates", lambda n, seed: [["a step.", "another step."]] * min(n, 2))
+    res = hb.run(before=False)
+    assert len(res["rows"]) == 6 and all(r["total_ms"] > 0 and r["prompt_ms"] > 0 for r in res["rows"])
+
+
 def test_bench_smoke(tmp_path):
     from bench.score_bench import main
 
