@@ -4,8 +4,9 @@ Each client is a thread with its own keep-alive HTTP connection sending ``POST /
 embedded puzzle: image + question + steps) in a loop. Reported: requests/s, p50 / p99 latency, the
 mean batch fill (solutions per device call, from the server's ``/metrics``), compilations during the
 run (should be 0), and the ratio to in-process ``PRM.score_batch`` throughput on the same inputs,
-measured first in this process with the same buckets and batches of ``--batch-size`` (what the
-server's batcher forms at full load). Target: >= 0.8 at 16 clients.
+measured in this process with the same buckets and batches of ``--batch-size`` (what the server's
+batcher forms at full load) before and after the load (the mean; a shared machine drifts). Target:
+>= 0.8 at 16 clients.
 
     python bench/serve_bench.py                         # a tiny random PRM exported to a temp dir
     python bench/serve_bench.py --prm runs/tiny/export --clients 16 --duration 20
@@ -57,13 +58,17 @@ def tiny_export(out_dir: str) -> str:
     return ck.export_hf(nnx.merge(graphdef, state), tok, ImageProcessor(), out_dir)
 
 
-def in_process(prm_dir: str, items, batch_size: int, seconds: float) -> float:
-    """Solutions/s of ``PRM.score_batch`` over ``items`` in batches of ``batch_size``."""
+def load_local(prm_dir: str, batch_size: int):
     import jaxprm
 
     prm = jaxprm.load_prm(prm_dir, batch_size=batch_size, length_buckets=(768,), prefix_buckets=(512, 768),
                           suffix_buckets=(256,), patch_buckets=(64,))
     prm.warmup(text_only=False, shared=False)
+    return prm
+
+
+def in_process(prm, items, batch_size: int, seconds: float) -> float:
+    """Solutions/s of ``PRM.score_batch`` over ``items`` in batches of ``batch_size``."""
     n, i, t0 = 0, 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         chunk = [items[(i + k) % len(items)] for k in range(batch_size)]
@@ -155,8 +160,11 @@ def main(argv=None) -> int:
     bodies = [json.dumps({"image": base64.b64encode(im).decode(), "question": q, "steps": st, "aggregations": []})
               for im, q, st in items]
 
-    base = in_process(prm_dir, items, args.batch_size, args.baseline_seconds)
-    print(f"in-process PRM.score_batch (batches of {args.batch_size}): {base:.1f} solutions/s", flush=True)
+    # the in-process baseline is measured before and after the load (a 2-core machine shared with other
+    # work drifts); their mean is the reference
+    local = load_local(prm_dir, args.batch_size)
+    base0 = in_process(local, items, args.batch_size, args.baseline_seconds)
+    print(f"in-process PRM.score_batch (batches of {args.batch_size}): {base0:.1f} solutions/s", flush=True)
 
     proc, host, port = start_server(prm_dir, args)
     try:
@@ -167,6 +175,9 @@ def main(argv=None) -> int:
     finally:
         proc.terminate()
         proc.wait(60)
+    base1 = in_process(local, items, args.batch_size, args.baseline_seconds)
+    base = (base0 + base1) / 2
+    print(f"in-process PRM.score_batch after the load: {base1:.1f} solutions/s (mean {base:.1f})", flush=True)
     k = (("kind", "items"),)
     batches = m1[("jaxprm_batches_total", k)] - m0[("jaxprm_batches_total", k)]
     fill = (m1[("jaxprm_batch_items_total", k)] - m0[("jaxprm_batch_items_total", k)]) / max(batches, 1)
@@ -174,7 +185,7 @@ def main(argv=None) -> int:
     res = {"clients": args.clients, "duration_s": args.duration, "requests_per_s": rps,
            "p50_ms": float(np.percentile(lat, 50) * 1000), "p99_ms": float(np.percentile(lat, 99) * 1000),
            "mean_batch_fill": fill, "compilations_during_load": compiles, "errors": errors,
-           "in_process_per_s": base, "ratio_to_in_process": rps / base, "cpus": os.cpu_count()}
+           "in_process_per_s": base, "in_process_before_after": [base0, base1], "ratio_to_in_process": rps / base, "cpus": os.cpu_count()}
     print(f"{args.clients} clients, {args.duration:.0f} s: {rps:.1f} requests/s, p50 {res['p50_ms']:.0f} ms, "
           f"p99 {res['p99_ms']:.0f} ms, mean batch fill {fill:.2f}, {int(compiles)} compilations, {errors} errors; "
           f"{res['ratio_to_in_process']:.2f}x in-process throughput", flush=True)
