@@ -58,4 +58,17 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join([head, "-" * len(head), *(line(r) for r in body)])
 
 
-__all__ = ["binary_f1", "format_table", "precision_recall_f1", "two_class_f1"]
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """The same table as ``format_table`` in Markdown (GitHub pipes), for reports."""
+    def cell(v):
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else f"{v:.4f}"
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(str(h) for h in headers) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+__all__ = ["binary_f1", "format_table", "markdown_table", "precision_recall_f1", "two_class_f1"]

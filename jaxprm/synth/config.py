@@ -62,6 +62,7 @@ def base_config() -> ConfigDict:
     c.judge = ConfigDict({
         "kind": "scripted",  # "scripted" | "openai" | "none"
         "noise": 0.2, "miss_share": 0.5, "seed": 0,
+        "perception_noise": -1.0,  # scripted: error rate when the true first error is a perception step (< 0: noise)
         "base_url": "https://api.openai.com/v1", "model": "o4-mini", "api_key_env": "JUDGE_API_KEY",
         "temperature": -1.0,  # < 0: not sent (o-series models only take the default)
         "max_tokens": 0,  # 0: not sent

@@ -368,16 +368,21 @@ class VLMJudge:
 
 class ScriptedJudge:
     """Offline judge for the puzzle task: the ground-truth first error, wrong with probability
-    ``noise``. When wrong on a solution with an error it misses the error with probability
-    ``miss_share`` and otherwise points at another step (uniformly); on a correct solution it
-    flags a random step. Deterministic in ``(seed, question id, steps)``."""
+    ``noise`` (``perception_noise`` when the true first error is a perception step: VLM judges err
+    more on perception, as the VL-PRM paper reports; None = ``noise``). When wrong on a solution with
+    an error it misses the error with probability ``miss_share`` and otherwise points at another step
+    (uniformly); on a correct solution it flags a random step. Deterministic in ``(seed, question id,
+    steps)``."""
 
     name = "scripted"
 
-    def __init__(self, noise: float = 0.2, miss_share: float = 0.5, seed: int = 0):
-        if not 0.0 <= noise <= 1.0 or not 0.0 <= miss_share <= 1.0:
-            raise ValueError("noise and miss_share must be in [0, 1]")
+    def __init__(self, noise: float = 0.2, miss_share: float = 0.5, seed: int = 0,
+                 perception_noise: float | None = None):
+        perception_noise = noise if perception_noise is None or perception_noise < 0 else perception_noise
+        if not 0.0 <= noise <= 1.0 or not 0.0 <= miss_share <= 1.0 or not 0.0 <= perception_noise <= 1.0:
+            raise ValueError("noise, perception_noise and miss_share must be in [0, 1]")
         self.noise = float(noise)
+        self.perception_noise = float(perception_noise)
         self.miss_share = float(miss_share)
         self.seed = int(seed)
         self.calls = 0
@@ -392,7 +397,8 @@ class ScriptedJudge:
         truth = ground_truth_first_error(q, flat)
         n = len(steps)
         rng = np.random.default_rng(stable_hash("judge", self.seed, q.id, flat))
-        if n == 0 or rng.random() >= self.noise:
+        noise = self.perception_noise if truth is not None and flat[truth][0] == "perception" else self.noise
+        if n == 0 or rng.random() >= noise:
             return truth
         if truth is None:
             return int(rng.integers(n))

@@ -118,7 +118,8 @@ def build_judge(cfg: ConfigDict):
     if j.kind == "none":
         return None
     if j.kind == "scripted":
-        return ScriptedJudge(noise=j.noise, miss_share=j.miss_share, seed=j.seed)
+        return ScriptedJudge(noise=j.noise, miss_share=j.miss_share, seed=j.seed,
+                             perception_noise=j.get("perception_noise", -1.0))
     if j.kind == "openai":
         temp = j.temperature if j.temperature is not None and j.temperature >= 0 else None
         return VLMJudge(
