@@ -51,6 +51,9 @@ class TextConfig:
     mrope_section: tuple[int, ...] = (16, 24, 24)
     hidden_act: str = "silu"
     max_position_embeddings: int = 128000
+    # q/k/v projection biases: Qwen2 has them; Llama-shaped decoders (InternLM2 after the published
+    # weight mapping, used by InternVL) do not. Not part of Qwen2.5-VL's config.json.
+    attention_bias: bool = True
 
     @property
     def head_dim(self) -> int:
@@ -118,7 +121,7 @@ class Qwen25VLConfig:
             if isinstance(vkw.get(k), (list, tuple)):
                 vkw[k] = int(vkw[k][0])
         tfields = {f.name for f in dataclasses.fields(TextConfig)}
-        tkw = {k: v for k, v in text.items() if k in tfields}
+        tkw = {k: v for k, v in text.items() if k in tfields and k != "attention_bias"}
         tkw["mrope_section"] = tuple(int(x) for x in mrope)
         tkw["rope_theta"] = float(theta)
         if tkw.get("num_key_value_heads") is None:
@@ -159,6 +162,7 @@ class Qwen25VLConfig:
         text = dataclasses.asdict(t)
         text.pop("mrope_section")
         text.pop("rope_theta")
+        text.pop("attention_bias")
         eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         text["bos_token_id"], text["eos_token_id"] = self.bos_token_id, eos
         text["rope_parameters"] = {

@@ -1,5 +1,10 @@
 """Qwen2 decoder of Qwen2.5-VL: GQA with qkv bias, M-RoPE, SwiGLU, RMSNorm (fp32 statistics).
 
+Also the language model of InternVL (``jaxprm.models.internvl``): there with 1D RoPE, which is M-RoPE
+with a single section (``mrope_section=(head_dim // 2,)``) and ``position_ids`` of shape (1, B, L),
+and, for Llama-shaped decoders (InternLM2 after its published weight mapping), without q/k/v biases
+(``TextConfig.attention_bias=False``).
+
 Layers are stacked on a leading axis and run under one ``lax.scan`` (fast compiles, one remat
 policy for all layers). Attention masking is causal within segments: ``segment_ids`` (B, L) are
 equal for tokens of one sequence; padding is its own segment.
@@ -29,9 +34,12 @@ class DecoderLayers(nnx.Module):
         L, D, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
         hd, H, K = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         self.input_norm, self.post_norm = pf.ones(layers=L, norm=D), pf.ones(layers=L, norm=D)
-        self.q_w, self.q_b = pf.normal(layers=L, embed=D, heads=H * hd), pf.zeros(layers=L, heads=H * hd)
-        self.k_w, self.k_b = pf.normal(layers=L, embed=D, kv=K * hd), pf.zeros(layers=L, kv=K * hd)
-        self.v_w, self.v_b = pf.normal(layers=L, embed=D, kv=K * hd), pf.zeros(layers=L, kv=K * hd)
+        self.q_w = pf.normal(layers=L, embed=D, heads=H * hd)
+        self.k_w = pf.normal(layers=L, embed=D, kv=K * hd)
+        self.v_w = pf.normal(layers=L, embed=D, kv=K * hd)
+        if cfg.attention_bias:  # Qwen2; Llama-shaped decoders have no q/k/v biases
+            self.q_b, self.k_b, self.v_b = (pf.zeros(layers=L, heads=H * hd), pf.zeros(layers=L, kv=K * hd),
+                                            pf.zeros(layers=L, kv=K * hd))
         self.o_w = pf.normal(layers=L, heads=H * hd, embed=D)
         self.gate_w = pf.normal(layers=L, embed=D, mlp=I)
         self.up_w = pf.normal(layers=L, embed=D, mlp=I)
@@ -87,9 +95,9 @@ class TextModel(nnx.Module):
         def layer(h, xs):
             p, past = xs
             y = rms_norm(h, p["input_norm"], eps)
-            q = dense(y, p["q_w"], p["q_b"]).reshape(b, l, H, hd)
-            k = dense(y, p["k_w"], p["k_b"]).reshape(b, l, K, hd)
-            v = dense(y, p["v_w"], p["v_b"]).reshape(b, l, K, hd)
+            q = dense(y, p["q_w"], p.get("q_b")).reshape(b, l, H, hd)
+            k = dense(y, p["k_w"], p.get("k_b")).reshape(b, l, K, hd)
+            v = dense(y, p["v_w"], p.get("v_b")).reshape(b, l, K, hd)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
             k_all, v_all = (k, v) if past is None else (jnp.concatenate([past[0].astype(dt), k], 1),
