@@ -19,7 +19,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "xla", "cudnn", "splash")
+# "splash_interpret": the splash kernel run by the Pallas interpreter (any backend; for tests on CPU)
+IMPLS = ("auto", "xla", "cudnn", "splash", "splash_interpret")
+SPLASH_BLOCK = 128  # the splash kernel tiles lengths in multiples of this; others fall back to XLA
 
 
 def resolve_impl(impl: str, dtype) -> str:
@@ -84,28 +86,35 @@ def cudnn_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal=
 
 
 @functools.lru_cache(maxsize=64)
-def _splash_kernel(num_heads: int, q_len: int, kv_len: int, causal: bool):
+def _splash_kernel(num_heads: int, q_len: int, kv_len: int, causal: bool, interpret: bool = False):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     base = sa.CausalMask((q_len, kv_len)) if causal else sa.FullMask((q_len, kv_len))
     mask = sa.MultiHeadMask([base] * num_heads)
-    return sa.make_splash_mha_single_device(mask=mask)
+    return sa.make_splash_mha_single_device(mask=mask, interpret=interpret)
 
 
-def splash_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal=False, scale=None):
-    """TPU Pallas splash attention; falls back to XLA for lengths the kernel does not tile."""
+def splash_fits(q_len: int, kv_len: int, causal: bool) -> bool:
+    """Whether the splash kernel runs these lengths (else ``splash_attention`` falls back to XLA)."""
+    return not (q_len % SPLASH_BLOCK or kv_len % SPLASH_BLOCK or (causal and q_len != kv_len))
+
+
+def splash_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal=False, scale=None,
+                     interpret: bool = False):
+    """TPU Pallas splash attention; falls back to XLA for lengths the kernel does not tile
+    (``splash_fits``). ``interpret=True`` runs the kernel in the Pallas interpreter (CPU tests)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     b, t, n, h = q.shape
     s = k.shape[1]
-    if t % 128 or s % 128 or (causal and t != s):
+    if not splash_fits(t, s, causal):
         return xla_attention(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                              causal=causal, scale=scale)
     scale = h**-0.5 if scale is None else scale
     rep = n // k.shape[2]
     k = jnp.repeat(k, rep, axis=2)
     v = jnp.repeat(v, rep, axis=2)
-    kernel = _splash_kernel(n, t, s, causal)
+    kernel = _splash_kernel(n, t, s, causal, bool(interpret))
     qh = jnp.swapaxes(q * scale, 1, 2)  # (B, N, T, H)
     kh_, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     if q_segment_ids is None:
@@ -126,7 +135,8 @@ def attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal: bool 
         raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} not a multiple of key/value heads {k.shape[2]}")
-    fn = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention}[resolve_impl(impl, q.dtype)]
+    fn = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention,
+          "splash_interpret": functools.partial(splash_attention, interpret=True)}[resolve_impl(impl, q.dtype)]
     return fn(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal, scale=scale)
 
 
@@ -136,6 +146,10 @@ def local_segment_attention(q, k, v, segment_ids, chunk: int, *, scale: float | 
 
     The sequence is cut into ``ceil(T / chunk)`` chunks of ``chunk`` positions; the queries of chunk
     i attend to the keys of chunks i-1, i and i+1 (3 * chunk keys) that carry the query's segment id.
+    With the splash kernel ``chunk`` is rounded up to a multiple of ``SPLASH_BLOCK`` (the vision tower's
+    64-patch windows would otherwise fall back to XLA); the result is the same, as it is for any chunk
+    at least as long as the segments.
+
     That equals ``attention(q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)`` for
     every query whose segment is one contiguous run of at most ``chunk`` positions: such a run lies
     in at most two consecutive chunks, so all of its keys are among the 3 * chunk. Positions of
@@ -155,6 +169,8 @@ def local_segment_attention(q, k, v, segment_ids, chunk: int, *, scale: float | 
     c = int(chunk)
     if c < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if resolve_impl(impl, q.dtype) in ("splash", "splash_interpret"):
+        c = -(-c // SPLASH_BLOCK) * SPLASH_BLOCK
     nc = -(-t // c)
     extra = nc * c - t
     seg = segment_ids.astype(jnp.int32)
