@@ -185,7 +185,8 @@ class InternVLConfig:
             qk_norm_eps=1e-6, norm_type=vis.get("norm_type", "layer_norm"),
             layer_norm_eps=float(vis.get("layer_norm_eps", 1e-6)), hidden_act=vis.get("hidden_act", "gelu"),
             post_layernorm=not vis.get("use_mean_pooling", True))
-        tie = bool(text.get("tie_word_embeddings", d.get("tie_word_embeddings", True)))
+        # transformers ties InternVL's lm_head by the top-level flag (default True), not text_config's
+        tie = bool(d.get("tie_word_embeddings", True))
         rope = text.get("rope_parameters") or text.get("rope_scaling")
         return cls(VisionConfig(**vkw), _text_config(text, attention_bias=arch == "qwen2"), llm_arch=arch,
                    image_token_id=int(d.get("image_token_id", 151667)) if image_token_id is None else image_token_id,

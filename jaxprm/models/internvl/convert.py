@@ -368,5 +368,5 @@ def save_pretrained(model, out_dir: str, dtype=None) -> None:
     atomic_write_json(os.path.join(out_dir, "config.json"), cfg, indent=2)
 
 
-__all__ = ["LAYOUTS", "checkpoint_shapes", "hf_to_params", "from_pretrained", "save_pretrained",
-           "params_to_native", "find_token_id", "IMG_CONTEXT"]
+__all__ = ["IMG_CONTEXT", "LAYOUTS", "check_tensors", "checkpoint_shapes", "find_token_id", "from_pretrained",
+           "hf_to_params", "params_to_native", "save_pretrained"]

@@ -1,6 +1,5 @@
 """Parity of the Flax InternVL port against transformers' InternVLForConditionalGeneration (fp32, CPU),
 for both checkpoint layouts, and of the InternLM2 path against an InternLM2 reference."""
-import dataclasses
 import json
 import os
 
@@ -156,6 +155,11 @@ def test_tied_head_text_only(tmp_path):
     hf.save_pretrained(str(tmp_path))
     fm = iv.from_pretrained(str(tmp_path))
     assert fm.lm_head is None
+    # as in transformers, the top-level flag (default True) decides, not text_config's
+    d = R.tiny_config("qwen2", tie=False).to_dict()
+    d.pop("tie_word_embeddings")
+    assert iv.InternVLConfig.from_hf_dict(d).tie_word_embeddings
+    assert transformers.InternVLConfig(**{k: v for k, v in d.items() if k != "model_type"}).tie_word_embeddings
     ids, mask, _ = R.make_inputs([[7], [12]], [], seed=10)
     err = _max_err(fm(ids, attention_mask=mask).logits, R.hf_logits(hf, ids, mask, None), mask)
     assert err < TOL, err
@@ -250,7 +254,7 @@ def test_remat_policy_same_gradients(qwen):
         fm = iv.from_pretrained(d, remat_policy=policy)
         host = fm.prepare_inputs(ids, mask)
 
-        def loss(pixels, model=fm):
+        def loss(pixels, model=fm, host=host):
             h = model.hidden_states(host["input_ids"], host["position_ids"], host["segment_ids"], pixels)
             return model.token_logits(h, [1, 2]).sum()
 
