@@ -260,3 +260,23 @@ def test_remat_policy_same_gradients(qwen):
 
         grads.append(np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(pv))))
     np.testing.assert_allclose(grads[1], grads[0], atol=1e-5)
+
+
+def test_shared_prefix_kv_cache(qwen):
+    """A prompt prefix (with its image) encoded once, then the continuation through its K/V cache,
+    gives the states of encoding everything at once (what the PRM's shared-prefix scoring relies on)."""
+    _, fm, _ = qwen
+    ids, mask, pv = R.make_inputs([[4, 9]], [2], seed=15)
+    host = fm.prepare_inputs(ids, mask, pv)
+    cut = ids.shape[1] - 5
+
+    @nnx.jit
+    def run(model, ids, pos, seg, pv):
+        full = model.hidden_states(ids, pos, seg, pv)
+        h1, kv = model.hidden_states(ids[:, :cut], pos[:, :, :cut], seg[:, :cut], pv, return_kv=True)
+        h2 = model.hidden_states(ids[:, cut:], pos[:, :, cut:], seg[:, cut:], past_kv=kv,
+                                 past_segment_ids=seg[:, :cut])
+        return full, jnp.concatenate([h1, h2], axis=1)
+
+    full, split = run(fm, host["input_ids"], host["position_ids"], host["segment_ids"], jnp.asarray(pv))
+    np.testing.assert_allclose(np.asarray(split), np.asarray(full), atol=1e-5)
