@@ -5,11 +5,11 @@ embedded puzzle: image + question + steps) in a loop. Reported: requests/s, p50 
 mean batch fill (solutions per device call, from the server's ``/metrics``), compilations during the
 run (should be 0), and the ratio to in-process ``PRM.score_batch`` throughput on the same inputs,
 measured in this process with the same buckets and batches of ``--batch-size`` (what the server's
-batcher forms at full load) before and after the load (the mean; a shared machine drifts). Target:
->= 0.8 at 16 clients.
+batcher forms at full load). Baseline and load alternate in ``--rounds`` rounds, so a machine shared
+with other work drifts into both alike. Target: >= 0.8 at 16 clients.
 
     python bench/serve_bench.py                         # a tiny random PRM exported to a temp dir
-    python bench/serve_bench.py --prm runs/tiny/export --clients 16 --duration 20
+    python bench/serve_bench.py --prm runs/tiny/export --clients 16 --duration 30
 
 The PRM defaults to a tiny random Qwen2.5-VL-shaped one (the shapes of configs/tiny.py; scores do not
 matter for throughput). The server gets the buckets the embedded puzzles need (``--length-buckets 768``,
@@ -144,8 +144,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prm", default=None, help="PRM directory (default: a tiny random export in a temp dir)")
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--duration", type=float, default=20.0, help="seconds of load (after a 3 s warm-up load)")
-    p.add_argument("--baseline-seconds", type=float, default=10.0)
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of load in all (after a 3 s warm-up load)")
+    p.add_argument("--baseline-seconds", type=float, default=15.0, help="seconds of in-process scoring in all")
+    p.add_argument("--rounds", type=int, default=3, help="the baseline and the load alternate this many times")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--puzzles", type=int, default=64)
@@ -160,24 +161,27 @@ def main(argv=None) -> int:
     bodies = [json.dumps({"image": base64.b64encode(im).decode(), "question": q, "steps": st, "aggregations": []})
               for im, q, st in items]
 
-    # the in-process baseline is measured before and after the load (a 2-core machine shared with other
-    # work drifts); their mean is the reference
+    # the in-process baseline and the load alternate in --rounds rounds (a 2-core machine shared with
+    # other work drifts); the ratio is of the totals
     local = load_local(prm_dir, args.batch_size)
-    base0 = in_process(local, items, args.batch_size, args.baseline_seconds)
-    print(f"in-process PRM.score_batch (batches of {args.batch_size}): {base0:.1f} solutions/s", flush=True)
-
     proc, host, port = start_server(prm_dir, args)
+    bases, rates, lats, errors = [], [], [], 0
     try:
         load(host, port, bodies, args.clients, 3.0)  # warm the connections and the batcher
         m0 = metrics(host, port)
-        rps, lat, errors = load(host, port, bodies, args.clients, args.duration)
+        for _ in range(args.rounds):
+            bases.append(in_process(local, items, args.batch_size, args.baseline_seconds / args.rounds))
+            rps_r, lat_r, err_r = load(host, port, bodies, args.clients, args.duration / args.rounds)
+            rates.append(rps_r)
+            lats.append(lat_r)
+            errors += err_r
+            print(f"round {len(rates)}: in-process {bases[-1]:.1f} solutions/s, server {rps_r:.1f} requests/s",
+                  flush=True)
         m1 = metrics(host, port)
     finally:
         proc.terminate()
         proc.wait(60)
-    base1 = in_process(local, items, args.batch_size, args.baseline_seconds)
-    base = (base0 + base1) / 2
-    print(f"in-process PRM.score_batch after the load: {base1:.1f} solutions/s (mean {base:.1f})", flush=True)
+    base, rps, lat = float(np.mean(bases)), float(np.mean(rates)), np.concatenate(lats)
     k = (("kind", "items"),)
     batches = m1[("jaxprm_batches_total", k)] - m0[("jaxprm_batches_total", k)]
     fill = (m1[("jaxprm_batch_items_total", k)] - m0[("jaxprm_batch_items_total", k)]) / max(batches, 1)
@@ -185,7 +189,8 @@ def main(argv=None) -> int:
     res = {"clients": args.clients, "duration_s": args.duration, "requests_per_s": rps,
            "p50_ms": float(np.percentile(lat, 50) * 1000), "p99_ms": float(np.percentile(lat, 99) * 1000),
            "mean_batch_fill": fill, "compilations_during_load": compiles, "errors": errors,
-           "in_process_per_s": base, "in_process_before_after": [base0, base1], "ratio_to_in_process": rps / base, "cpus": os.cpu_count()}
+           "in_process_per_s": base, "rounds": {"in_process_per_s": bases, "requests_per_s": rates},
+           "ratio_to_in_process": rps / base, "cpus": os.cpu_count()}
     print(f"{args.clients} clients, {args.duration:.0f} s: {rps:.1f} requests/s, p50 {res['p50_ms']:.0f} ms, "
           f"p99 {res['p99_ms']:.0f} ms, mean batch fill {fill:.2f}, {int(compiles)} compilations, {errors} errors; "
           f"{res['ratio_to_in_process']:.2f}x in-process throughput", flush=True)
