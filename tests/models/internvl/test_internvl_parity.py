@@ -245,6 +245,7 @@ def test_bf16_forward_close(internlm2):
     assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
 
 
+@pytest.mark.slow  # two gradient compiles (~16 s on 2 cores)
 def test_remat_policy_same_gradients(qwen):
     """The scanned vision blocks and decoder layers under a remat policy give the same gradients."""
     _, _, d = qwen
