@@ -102,34 +102,60 @@ def create_app(prm, *, model_name: str = "jaxprm-prm", limits: Limits | None = N
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     # -- middleware: draining, API key, in-flight, latency -----------------------------------------
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
+    # a plain ASGI middleware (cheaper per request than @app.middleware's BaseHTTPMiddleware)
+    async def guard(scope, receive, send, inner):
+        if scope["type"] != "http":
+            return await inner(scope, receive, send)
+        path = scope["path"]
         endpoint = path if path in _ENDPOINTS else "other"
         t0 = time.perf_counter()
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
         if state.draining and path != "/metrics":
             resp = error(RequestError(503, "the server is shutting down"), {"Connection": "close", "Retry-After": "1"})
             if path == "/health":
                 resp = JSONResponse({"status": "draining"}, status_code=503, headers={"Connection": "close"})
-        elif state.api_key is not None and path != "/health" and not _authorized(request, state.api_key):
-            resp = error(RequestError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')"),
-                         {"WWW-Authenticate": "Bearer"})
+            await resp(scope, receive, send_status)
+        elif state.api_key is not None and path != "/health" and not _authorized(scope, state.api_key):
+            await error(RequestError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')"),
+                        {"WWW-Authenticate": "Bearer"})(scope, receive, send_status)
         else:
             state.inflight += 1
+            started = [False]
+
+            async def send_tracked(message):
+                started[0] = True
+                await send_status(message)
+
             try:
-                resp = await call_next(request)
+                await inner(scope, receive, send_tracked)
             except Exception as e:  # noqa: BLE001 - never take the server down
                 log.exception("unhandled error on %s", path)
-                resp = JSONResponse(RequestError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error")
-                                    .body(), status_code=500)
+                if not started[0]:
+                    await JSONResponse(RequestError(500, f"internal error: {type(e).__name__}: {e}",
+                                                    type="internal_error").body(), status_code=500)(
+                        scope, receive, send_status)
             finally:
                 state.inflight -= 1
-        metrics.inc("jaxprm_requests_total", 1, {"endpoint": endpoint, "status": str(resp.status_code)},
+        metrics.inc("jaxprm_requests_total", 1, {"endpoint": endpoint, "status": str(status[0])},
                     help="HTTP requests by endpoint and status")
         if endpoint in _TIMED:
             metrics.observe("jaxprm_request_latency_seconds", time.perf_counter() - t0, {"endpoint": endpoint},
                             help="request latency (read, validate, queue, score, respond)")
-        return resp
+
+    class _Guard:
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            await guard(scope, receive, send, self.inner)
+
+    app.add_middleware(_Guard)
 
     async def body_json(request: Request):
         n = request.headers.get("content-length")
@@ -306,10 +332,11 @@ def _limits_dict(limits: Limits) -> dict:
     return dataclasses.asdict(limits)
 
 
-def _authorized(request, key: bytes) -> bool:
-    got = request.headers.get("authorization", "")
+def _authorized(scope, key: bytes) -> bool:
+    headers = dict(scope.get("headers") or ())
+    got = headers.get(b"authorization", b"").decode("latin-1")
     if got[:7].lower() == "bearer ":
         got = got[7:].strip()
     else:
-        got = request.headers.get("x-api-key", "")
+        got = headers.get(b"x-api-key", b"").decode("latin-1")
     return hmac.compare_digest(got.encode("utf-8", "surrogateescape"), key)
