@@ -32,11 +32,20 @@ def resolve_impl(impl: str, dtype) -> str:
         return impl
     backend = jax.default_backend()
     low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if backend == "gpu" and low_precision:
+    if backend == "gpu" and low_precision and _cudnn_flash_supported():
         return "cudnn"
     if backend == "tpu":
         return "splash"
     return "xla"
+
+
+def _cudnn_flash_supported() -> bool:
+    """cuDNN flash attention needs compute capability 8.0 (Ampere) or newer; a T4 (7.5) uses XLA."""
+    try:
+        cc = getattr(jax.devices()[0], "compute_capability", None)
+        return cc is None or float(cc) >= 8.0
+    except (ValueError, RuntimeError):
+        return True
 
 
 def segment_mask(q_segment_ids, kv_segment_ids, causal: bool, q_len: int, kv_len: int):
