@@ -8,7 +8,8 @@ A training workdir::
       checkpoints/<step>/ Orbax CheckpointManager steps, one item each (ITEMS):
                            params     nnx.Param state of the whole PRM, trainable and frozen (pure dict)
                            opt_state  optimizer state (of the trainable params)
-                           data       JSON: Grain iterator state (the data position)
+                           data       JSON: Grain iterator state (the data position); multi-host:
+                                      {"processes": [state of process 0, 1, ...]} (each host's own slice)
                            meta       JSON: {"step": int, "metrics": {name: float}} (the last logged ones)
       events/            TensorBoard event files
       export/            the final PRM (``export_hf``), when train.export is on
@@ -156,13 +157,50 @@ def abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
+def _gather_json(obj) -> list:
+    """Every process's JSON-able ``obj``, in process order, on every process (a collective)."""
+    import json
+
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int64))).reshape(-1)
+    n = int(sizes.max())
+    padded = np.zeros(n, np.uint8)
+    padded[:raw.size] = raw
+    allb = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), n)
+    return [json.loads(bytes(allb[i, :sizes[i]]).decode()) for i in range(len(sizes))]
+
+
+def _data_item(data):
+    """The ``data`` item: one process's loader state, or (multi-host) every process's, gathered (Orbax
+    writes JSON items from process 0 only, and each host reads a different slice)."""
+    if jax.process_count() == 1:
+        return data
+    return {"processes": _gather_json(data)}
+
+
+def _own_data_state(data, where: str):
+    """This process's loader state from a ``data`` item (see ``_data_item``)."""
+    n, i = jax.process_count(), jax.process_index()
+    per = data.get("processes") if isinstance(data, dict) else None
+    saved = len(per) if isinstance(per, list) else 1
+    if saved != n:
+        raise ValueError(f"{where}: written by a run of {saved} process(es), but this run has {n}: each host's "
+                         "data position belongs to its slice of the data, which depends on the number of hosts; "
+                         "resume with the same number of hosts (or start a new workdir)")
+    return per[i] if isinstance(per, list) else data
+
+
 def save_train_state(mngr, step: int, state: dict, *, data: dict, metrics: dict | None = None,
                      force: bool = False) -> None:
     """Save a training step: ``state`` is the train step's (trainable, frozen, opt_state, step),
-    ``data`` the loader iterator's state, ``metrics`` the last logged metrics."""
+    ``data`` the loader iterator's state (this process's; multi-host: every process calls this),
+    ``metrics`` the last logged metrics."""
     import orbax.checkpoint as ocp
 
     params = nnx.merge_state(state["trainable"], state["frozen"])
+    data = _data_item(data)
     mngr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(nnx.to_pure_dict(params)),
         opt_state=ocp.args.StandardSave(state["opt_state"]),
@@ -173,7 +211,7 @@ def save_train_state(mngr, step: int, state: dict, *, data: dict, metrics: dict 
 
 def restore_train_state(mngr, step: int, state: dict, *, graphdef, freeze_vision: bool, step_sharding):
     """``(state, data)`` of checkpoint ``step``, restored into the shardings of ``state`` (a freshly
-    initialised train state of the same run); ``data`` is the loader iterator's state."""
+    initialised train state of the same run); ``data`` is this process's loader iterator state."""
     import orbax.checkpoint as ocp
 
     from jaxprm.train_step import split_params
@@ -183,10 +221,11 @@ def restore_train_state(mngr, step: int, state: dict, *, graphdef, freeze_vision
         params=ocp.args.StandardRestore(abstract(nnx.to_pure_dict(params_full))),
         opt_state=ocp.args.StandardRestore(abstract(state["opt_state"])),
         data=ocp.args.JsonRestore()))
+    data = _own_data_state(r["data"], f"checkpoint step {step}")
     nnx.replace_by_pure_dict(params_full, r["params"])
     _, trainable, frozen = split_params(nnx.merge(graphdef, params_full), freeze_vision)
     step_arr = jax.device_put(jnp.asarray(step, jnp.int32), step_sharding)
-    return {"trainable": trainable, "frozen": frozen, "opt_state": r["opt_state"], "step": step_arr}, r["data"]
+    return {"trainable": trainable, "frozen": frozen, "opt_state": r["opt_state"], "step": step_arr}, data
 
 
 def restore_meta(mngr, step: int) -> dict:
@@ -208,7 +247,11 @@ def restore_params(workdir: str, model, step: int | None = None) -> int:
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{workdir}: no checkpoints under {CHECKPOINTS}/")
-    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract(param_state(model)))))
+    # onto this process's first device, whatever the mesh of the run that saved it (a multi-host run's
+    # shardings name devices this process does not have)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), param_state(model))
+    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, restored["params"])
     nnx.update(model, state)

@@ -78,18 +78,23 @@ def model_assets(c):
 
 
 def prepare_data(c) -> str:
-    """The TFDS data_dir to read, building it first for synthetic/records sources (once)."""
+    """The TFDS data_dir to read, building it first for synthetic/records sources (once).
+
+    Multi-host: process 0 alone decides whether the dataset exists and builds it; the others wait
+    (``once_on_process_0``) and then read the same directory (a shared filesystem). A build that
+    fails on process 0 stops every process with its error instead of leaving them waiting."""
     from jaxprm.data import tfds_builder
 
     if c.data.source == "tfds":
         return c.data.data_dir
     data_dir = c.data.data_dir or os.path.join(c.workdir, "data")
-    try:
-        tfds_builder.dataset_dir(data_dir)
-        return data_dir  # already built (a resumed run)
-    except FileNotFoundError:
-        pass
-    if jax.process_index() == 0:
+
+    def build():
+        try:
+            tfds_builder.dataset_dir(data_dir)
+            return  # already built (a resumed run)
+        except FileNotFoundError:
+            pass
         if c.data.source == "synthetic":
             from jaxprm.data.synthetic import generate_records
 
@@ -121,7 +126,8 @@ def prepare_data(c) -> str:
                                        source_report={"path": os.fspath(c.data.records), "format": c.data.format,
                                                       "rows": stats.rows, "skipped": stats.skipped,
                                                       "reasons": list(stats.errors)})
-    _sync("data built")
+
+    once_on_process_0(f"building the dataset in {data_dir}", build)
     return data_dir
 
 
@@ -141,6 +147,132 @@ def _sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+# ------------------------------------------------------------------------------------------------
+# multi-host: work done once, agreement between processes, failing fast
+# ------------------------------------------------------------------------------------------------
+# how long processes 1..N-1 wait for process 0's one-off work (the dataset import: can be hours)
+BARRIER_TIMEOUT_ENV = "JAXPRM_BARRIER_TIMEOUT"
+_DEFAULT_BARRIER_TIMEOUT_S = 24 * 3600
+
+
+class PeerProcessError(TrainingError):
+    """Another process of a multi-host run failed; this one stops with its error."""
+
+
+def _distributed_client():
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError("jax.distributed is not initialized, but jax.process_count() > 1")
+    return client
+
+
+def once_on_process_0(what: str, fn) -> None:
+    """Run ``fn()`` on process 0 while the other processes wait; then everyone goes on together.
+
+    If ``fn`` raises on process 0, every other process raises ``PeerProcessError`` with that error
+    (through the distributed runtime's key-value store) instead of waiting at a barrier that process 0
+    never reaches. The wait is bounded by ``$JAXPRM_BARRIER_TIMEOUT`` seconds (default 24 h); a
+    process 0 that dies outright ends the wait through JAX's heartbeat (``JAXPRM_HEARTBEAT_TIMEOUT``).
+    """
+    if jax.process_count() == 1:
+        fn()
+        return
+    client = _distributed_client()
+    key = "jaxprm/once/" + "".join(ch if ch.isalnum() else "_" for ch in what)[:200]
+    timeout_ms = int(float(os.environ.get(BARRIER_TIMEOUT_ENV, _DEFAULT_BARRIER_TIMEOUT_S)) * 1000)
+    if jax.process_index() == 0:
+        try:
+            fn()
+        except BaseException as e:
+            client.key_value_set(key, f"error: {type(e).__name__}: {e}")
+            try:  # make sure the others have read it before this process exits
+                client.wait_at_barrier(key + "/error_read", 60_000)
+            except Exception:  # noqa: BLE001 - they may be gone already
+                pass
+            raise
+        client.key_value_set(key, "ok")
+    else:
+        log.info("process %d waits for process 0: %s", jax.process_index(), what)
+        status = client.blocking_key_value_get(key, timeout_ms)
+        if status != "ok":
+            try:
+                client.wait_at_barrier(key + "/error_read", 60_000)
+            except Exception:  # noqa: BLE001
+                pass
+            raise PeerProcessError(f"process 0 failed while {what}, so process {jax.process_index()} stops too. "
+                                   f"Process 0's error: {status.removeprefix('error: ')}")
+    _sync(what[:100])
+
+
+def _agree(batch, signum: int, *, eval_rows: bool = False, empty=None):
+    """One exchange between the processes per step: ``(batch, signum, exhausted)``.
+
+    Hosts choose buckets independently and a global array needs one shape, so ``batch`` grows to the
+    largest (seq_len, patches) of any host. ``signum``: the largest signal number any host received
+    (SIGTERM/SIGINT on one host stops all of them at the same step). ``exhausted``: how many hosts have
+    no batch left. Training stops when one host runs out (the others would wait for it forever);
+    evaluation (``eval_rows``) goes on while any host has a batch, the others feeding ``empty(rows,
+    seq_len, patches)`` (all padding, no labels), and rows grow to the largest count. ``batch`` is None
+    when the step is not to be taken."""
+    if jax.process_count() == 1:
+        return batch, signum, int(batch is None)
+    from jax.experimental import multihost_utils
+
+    from jaxprm.data.pipeline import pad_batch
+
+    has = batch is not None
+    mine = np.array([batch["input_ids"].shape[1] if has else 0, batch["pixel_values"].shape[1] if has else 0,
+                     batch["input_ids"].shape[0] if has else 0, int(has), int(signum or 0)], np.int64)
+    allv = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 5)
+    seq_len, patches, rows = (int(x) for x in allv[:, :3].max(0))
+    exhausted = int((allv[:, 3] == 0).sum())
+    sig = int(allv[:, 4].max())
+    if exhausted == len(allv) or (exhausted and not eval_rows):
+        return None, sig, exhausted
+    if not has:
+        batch = empty(rows, seq_len, patches)
+    batch = pad_batch(batch, seq_len, patches)
+    if eval_rows and batch["input_ids"].shape[0] < rows:
+        batch = _pad_rows(batch, rows)
+    return batch, sig, exhausted
+
+
+def _fail_fast(e: BaseException, workdir: str) -> None:
+    """Multi-host: after an error, say what happened and exit at once (status 1).
+
+    A normal exit first waits at JAX's shutdown barrier for every other process: when one of them has
+    died, that is up to the heartbeat timeout and then an abort with a C++ stack trace, and meanwhile
+    this process keeps its connections open, so peers blocked in a collective wait too. Exiting
+    closes them, and a peer blocked in a collective fails at once."""
+    import traceback
+
+    i, n = jax.process_index(), jax.process_count()
+    text = f"{type(e).__name__}: {e}"
+    lost = any(s in text for s in ("Gloo", "Connection reset", "Connection closed", "heartbeat", "UNAVAILABLE",
+                                   "DEADLINE_EXCEEDED", "NCCL", "Socket closed"))
+    tb = "".join(traceback.format_exception(e))
+    log.error("%s", tb.rstrip())
+    if isinstance(e, PeerProcessError):
+        why = str(e)
+    elif lost:
+        why = (f"lost contact with the other processes ({text.splitlines()[0][:300]}): another host has "
+               "probably died or been preempted; its log says why")
+    else:
+        why = f"failed: {text.splitlines()[0][:500] if text.strip() else type(e).__name__}"
+    log.error("process %d of %d %s. Every process of the run stops; rerun the same command on every host to "
+              "resume from the last complete checkpoint in %s.", i, n, why, os.path.join(workdir, ckpt.CHECKPOINTS))
+    for h in logging.getLogger("jaxprm").handlers + logging.getLogger().handlers:
+        try:
+            h.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def pipeline_config(c, *, train: bool, seed: int):
@@ -295,8 +427,9 @@ def train(c, *, step_hook=None) -> dict:
     bar = _progress(c, start, total_steps)
     metrics_log = TrainMetrics(c.workdir, schedule=sched, flops_per_token=estimate_flops_per_token(model_cfg), bar=bar)
 
-    def save(step: int, force: bool = False):
-        ckpt.save_train_state(mngr, step, state, data=train_iter.get_state(), metrics=final, force=force)
+    def save(step: int, force: bool = False, data=None):
+        ckpt.save_train_state(mngr, step, state, data=train_iter.get_state() if data is None else data,
+                              metrics=final, force=force)
 
     def run_eval(step: int):
         ev = evaluate(c, eval_step, state, data_dir, tok, ip, model_cfg, mesh)
@@ -306,13 +439,31 @@ def train(c, *, step_hook=None) -> dict:
 
     step = start
     with _Stop() as stop:
-        while step < total_steps:
-            try:
-                batch = next(train_iter)
-            except StopIteration:
-                log.info("data exhausted after %d steps", step)
+        while True:
+            # the data position before this step's batch: what a stop before the step saves
+            before = train_iter.get_state()
+            batch = None
+            if step < total_steps:
+                try:
+                    batch = next(train_iter)
+                except StopIteration:
+                    pass
+            # one exchange between the hosts: the batch shape, a signal on any host, data left on all
+            batch, sig, exhausted = _agree(batch, stop.signum if stop.requested else 0)
+            if sig and not stop.requested:
+                log.warning("another process received %s: saving and stopping with it", signal.Signals(sig).name)
+                stop.requested, stop.signum = True, sig
+            if stop.requested or batch is None:
+                if step < total_steps and batch is None and not stop.requested:
+                    log.info("data exhausted after %d steps%s", step,
+                             f" (on {exhausted} of {jax.process_count()} processes)" if jax.process_count() > 1 else "")
+                if step > start and mngr.latest_step() != step:
+                    save(step, force=True, data=before)
+                if stop.requested:
+                    mngr.wait_until_finished()
+                    log.warning("stopped at step %d; rerun the same command to resume", step)
                 break
-            state, metrics = train_step(state, shd.shard_batch(_agree_on_bucket(batch), mesh))
+            state, metrics = train_step(state, shd.shard_batch(batch, mesh))
             step += 1
             metrics_log.add(metrics)
             if step % c.train.log_every == 0 or step == total_steps:
@@ -325,15 +476,8 @@ def train(c, *, step_hook=None) -> dict:
                 bar.update(1)
             if step_hook is not None:
                 step_hook(step)
-            if not stop.requested and mngr.reached_preemption(step):  # another host got the signal
+            if not stop.requested and mngr.reached_preemption(step):  # JAX's preemption notice (all hosts)
                 stop.requested, stop.signum = True, int(signal.SIGTERM)
-            if stop.requested:
-                save(step, force=True)
-                mngr.wait_until_finished()
-                log.warning("stopped at step %d; rerun the same command to resume", step)
-                break
-        if not stop.requested and step > start and mngr.latest_step() != step:
-            save(step, force=True)
         mngr.wait_until_finished()
     if bar is not None:
         bar.close()
@@ -350,7 +494,7 @@ def train(c, *, step_hook=None) -> dict:
             f"({n_train} records, {final['skipped_records']} skipped; see the log). Nothing was exported.")
     if not stop.requested:
         # the checkpoint (above) and the export come first; the final evaluation is optional
-        if c.train.export and jax.process_index() == 0:
+        if c.train.export:
             _export(graphdef, state, tok, ip, export_dir)
         if has_eval and step > start:
             run_eval(step)
@@ -435,7 +579,17 @@ def _set_aside(workdir: str, mngr, steps, failed: dict) -> None:
 
 
 def _export(graphdef, state, tok, ip, export_dir) -> None:
-    model = nnx.merge(graphdef, state["trainable"], state["frozen"])
+    """Every process calls this (multi-host: the params are gathered to host memory, a collective);
+    process 0 writes."""
+    trainable, frozen = state["trainable"], state["frozen"]
+    if jax.process_count() > 1:  # sharded over hosts (fsdp/tensor): not readable from one process
+        from jax.experimental import multihost_utils
+
+        trainable, frozen = (jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), t)
+                             for t in (trainable, frozen))
+    if jax.process_index() != 0:
+        return
+    model = nnx.merge(graphdef, trainable, frozen)
     out = ckpt.export_hf(model, tok, ip, export_dir)
     log.info("exported the PRM to %s (load with jaxprm.load_prm)", out)
 
@@ -449,7 +603,8 @@ def _already_done(c, mngr, step, graphdef, state, tok, ip, export_dir) -> dict:
             meta = {"metrics": json.load(f)}
     except (OSError, ValueError):
         pass
-    if c.train.export and jax.process_index() == 0 and not os.path.exists(os.path.join(export_dir, "prm.json")):
+    # every process decides alike (the same shared file), as _export is a collective
+    if c.train.export and not os.path.exists(os.path.join(export_dir, "prm.json")):
         _export(graphdef, state, tok, ip, export_dir)
     log.info("%s already finished %d steps; nothing to do (use a new workdir or raise train.epochs / "
              "train.max_steps to train more). The PRM is in %s", c.workdir, step, export_dir)
@@ -471,16 +626,34 @@ class _TqdmHandler(logging.Handler):
 def evaluate(c, eval_step, state, data_dir, tok, ip, model_cfg, mesh) -> dict:
     """Step accuracy / F1 (VisualProcessBench-style, "-" = error class) on the held-out split, with the
     scoring prompt (placeholders in every assistant turn): the numbers ``PRM.score_batch`` gives."""
-    from jaxprm.data.pipeline import make_loader
+    from jaxprm.data.pipeline import batch_spec, make_loader
     from jaxprm.models.prm import f1_from_counts
 
-    loader = make_loader(data_dir, c.data.eval_split, tok, ip, model_cfg, pipeline_config(c, train=False, seed=0))
+    pcfg = pipeline_config(c, train=False, seed=0)
+    loader = make_loader(data_dir, c.data.eval_split, tok, ip, model_cfg, pcfg)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    local_dp = max(dp // jax.process_count(), 1)
+
+    def empty(rows, seq_len, patches):  # a host whose slice is used up: rows of padding only
+        spec = batch_spec(dataclasses.replace(pcfg, batch_size=rows), model_cfg, seq_len, patches)
+        return {k: np.full(shape, -1 if k == "labels" else 0, dtype) for k, (shape, dtype) in spec.items()}
+
     sums: dict = {}
     n = 0
-    for batch in loader:
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            batch = None
+        if batch is not None:  # a short (last) batch: a multiple of this host's data-parallel devices
+            batch = _pad_rows(batch, -(-batch["input_ids"].shape[0] // local_dp) * local_dp)
+        # every host takes part in every batch (a collective) until all are done
+        batch, _, _ = _agree(batch, 0, eval_rows=True, empty=empty)
+        if batch is None:
+            break
         with jax.set_mesh(mesh):  # the model's activation sharding constraints apply
-            m = eval_step(state["trainable"], state["frozen"],
-                          shd.shard_batch(_pad_rows(_agree_on_bucket(batch), mesh), mesh))
+            m = eval_step(state["trainable"], state["frozen"], shd.shard_batch(batch, mesh))
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
@@ -494,25 +667,11 @@ def evaluate(c, eval_step, state, data_dir, tok, ip, model_cfg, mesh) -> dict:
     return out
 
 
-def _agree_on_bucket(batch):
-    """Hosts pick buckets independently; a global array needs one shape: grow to the largest."""
-    if jax.process_count() == 1:
-        return batch
-    from jax.experimental import multihost_utils
-
-    from jaxprm.data.pipeline import pad_batch
-
-    mine = np.array([batch["input_ids"].shape[1], batch["pixel_values"].shape[1]], np.int64)
-    seq_len, patches = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2).max(0)
-    return pad_batch(batch, int(seq_len), int(patches))
-
-
-def _pad_rows(batch, mesh):
-    """Pad a short (last) eval batch to a multiple of the data-parallel size with empty rows."""
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+def _pad_rows(batch, rows: int):
+    """Grow a (short, last) eval batch to ``rows`` rows with empty ones (no labels)."""
     b = batch["input_ids"].shape[0]
-    extra = (-b) % dp
-    if not extra:
+    extra = rows - b
+    if extra <= 0:
         return batch
     out = {}
     for k, v in batch.items():
@@ -534,19 +693,35 @@ def _progress(c, start, total):
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
-def maybe_initialize_distributed() -> None:
-    """Multi-host runs: ``jax.distributed.initialize`` before any JAX call.
+HEARTBEAT_TIMEOUT_ENV = "JAXPRM_HEARTBEAT_TIMEOUT"
 
-    On when ``JAXPRM_DISTRIBUTED=1`` (TPU pods, SLURM and Open MPI are auto-detected by JAX) or when
-    ``JAX_COORDINATOR_ADDRESS`` is set (then ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` are read
-    too). See launch/.
+
+def maybe_initialize_distributed() -> None:
+    """Multi-host runs: ``jax.distributed.initialize`` before any JAX call (docs/multihost.md).
+
+    On when ``JAX_COORDINATOR_ADDRESS`` is set (then ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` are
+    read too: launch/gpu_multihost.sh) or when ``JAXPRM_DISTRIBUTED=1`` (TPU pods, SLURM and Open MPI:
+    JAX reads the cluster's environment). ``JAXPRM_HEARTBEAT_TIMEOUT`` (seconds, JAX's default 100):
+    how long the processes wait for a silent one before the distributed runtime ends them.
     """
     addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    kw = {}
+    if os.environ.get(HEARTBEAT_TIMEOUT_ENV):
+        kw["heartbeat_timeout_seconds"] = int(float(os.environ[HEARTBEAT_TIMEOUT_ENV]))
     if addr:
-        jax.distributed.initialize(coordinator_address=addr, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
-    elif os.environ.get("JAXPRM_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
+        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not os.environ.get(k)]
+        if missing:
+            raise config.ConfigError(f"JAX_COORDINATOR_ADDRESS={addr} is set but {' and '.join(missing)} not: "
+                                     "set all three on every host (launch/gpu_multihost.sh)")
+        kw.update(coordinator_address=addr, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                  process_id=int(os.environ["JAX_PROCESS_ID"]))
+    elif os.environ.get("JAXPRM_DISTRIBUTED") != "1":
+        return
+    jax.distributed.initialize(**kw)
+    log.info("process %d of %d (%d local of %d devices: %s); if a process dies, the others stop at their next "
+             "collective or, at the latest, after the %s s heartbeat timeout (%s)", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count(), jax.local_devices()[0].platform,
+             kw.get("heartbeat_timeout_seconds", 100), HEARTBEAT_TIMEOUT_ENV)
 
 
 def main(argv=None):
@@ -570,12 +745,23 @@ def main(argv=None):
             logging.getLogger(name).propagate = False
         if flags_.config is None:
             raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
-        maybe_initialize_distributed()
+        try:
+            maybe_initialize_distributed()
+        except ConfigError as e:
+            print(e, file=sys.stderr)
+            sys.exit(2)
+        if jax.process_count() > 1:  # one log per host, often merged (SLURM): say whose line it is
+            handler.setFormatter(logging.Formatter(
+                f"%(asctime)s %(levelname)s [process {jax.process_index()}/{jax.process_count()}] %(name)s: %(message)s"))
         try:
             metrics = train(flags_.config)
         except ConfigError as e:
             print(e, file=sys.stderr)
             sys.exit(2)
+        except Exception as e:  # noqa: BLE001
+            if jax.process_count() > 1:
+                _fail_fast(e, flags_.config.workdir)  # exits
+            raise
         print("final: " + fmt({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
         if metrics.get("stopped"):  # saved, not finished: tell schedulers apart from success and errors
             sys.exit(stopped_exit_status(metrics.get("signal") or signal.SIGTERM))

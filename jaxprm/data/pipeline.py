@@ -491,7 +491,7 @@ class BatchIterator(grain.DatasetIterator):
         element, and the examples (with their truncation) of ``rows``. A held-over example is counted
         with the batch it ends up in, so a restore that replays it does not count it twice."""
         exs = [ex for r in rows for ex in r.examples]
-        rep = {"skipped": [list(s) for s in self._skips], "examples": len(exs),
+        rep = {"skipped": [list(s) for s in self._skips], "examples": len(exs), "ids": [ex["id"] for ex in exs],
                "steps_dropped": int(sum(ex["steps_dropped"] for ex in exs)),
                "examples_truncated": int(sum(1 for ex in exs if ex["steps_dropped"])),
                "dropped_remainder": int(dropped)}
@@ -600,6 +600,22 @@ class LoaderStats:
         self.recent_skips.clear()
 
 
+# Debugging aid (multi-host tests, docs/multihost.md): with JAXPRM_RECORD_IDS_DIR=<dir> every loader
+# appends the record ids of each batch it yields to <dir>/<split>.shard-<i>-of-<n>.jsonl, one JSON
+# list per batch, so the slices the hosts read can be compared.
+RECORD_IDS_ENV = "JAXPRM_RECORD_IDS_DIR"
+
+
+def _log_record_ids(loader, ids: list) -> None:
+    import json
+
+    d = os.environ[RECORD_IDS_ENV]
+    os.makedirs(d, exist_ok=True)
+    name = f"{loader.split}.shard-{loader.shard_index}-of-{loader.shard_count}.jsonl"
+    with open(os.path.join(d, name), "a") as f:
+        f.write(json.dumps([str(i) for i in ids]) + "\n")
+
+
 class PrmIterator(grain.DatasetIterator):
     """The loader's iterator: batches (dicts of numpy arrays), ``stats``, ``get_state``/``set_state``."""
 
@@ -611,6 +627,8 @@ class PrmIterator(grain.DatasetIterator):
     def _account(self, rep: dict | None) -> None:
         if not rep:
             return
+        if rep.get("ids") and os.environ.get(RECORD_IDS_ENV):
+            _log_record_ids(self.loader, rep["ids"])
         st = self.stats
         for idx, rid, reason in rep.get("skipped", ()):
             kind = str(reason).split(":", 1)[0]
