@@ -75,6 +75,13 @@ assistant turn per step.
 ``mode="score"`` puts the placeholder in every assistant turn (inference, as VisualPRM/VL-PRM do).
 The chat-template string is tokenized once (ids equal ``tokenizer.apply_chat_template``) and each
 ``<|image_pad|>`` is expanded to ``t*h*w // merge_size**2`` copies, exactly like ``Qwen2_5_VLProcessor``.
+
+On the InternVL backbone (VisualPRM) the prompt is rendered with InternVL's conversation template
+(``INTERNVL_CHAT_TEMPLATE``: ChatML, ``<|im_start|>{role}\n{text}<|im_end|>\n``, the ``internvl2_5``
+template of the remote code, whatever chat template the tokenizer ships; ``internvl_prompt_tokenizer``)
+and each image is ``<img><IMG_CONTEXT>...</img>`` with ``256 x tiles`` context tokens
+(``encode_prm_example(..., image_tokens=, image_pad="<IMG_CONTEXT>")``), as InternVL's ``chat`` replaces
+``<image>``.
 """
 from __future__ import annotations
 
@@ -83,7 +90,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxprm.data.tokenizer import QWEN_SPECIAL_TOKENS
+from jaxprm.data.tokenizer import INTERNVL_ADDED_TOKENS, QWEN_SPECIAL_TOKENS
 from jaxprm.models.spec import DEFAULT_PROMPT_STYLE, LEGACY_PROMPT_STYLE  # noqa: F401  (the spec's names)
 
 # VL-PRM's training system prompt (vlprm: train/qwen_trainer/qwenvl/data/prompts.py). Kept verbatim: the
@@ -139,6 +146,21 @@ VISUALPRM_SYSTEM_PROMPT = (
 POSITIVE_TOKEN = "+"
 NEGATIVE_TOKEN = "-"
 IMAGE_PAD = "<|image_pad|>"
+INTERNVL_IMAGE_PAD = "<IMG_CONTEXT>"  # one per image in the rendered template, repeated to 256 x tiles
+
+# InternVL's conversation template (the remote code's ``internvl2_5`` template: system
+# ``<|im_start|>system\n{system_message}``, roles ``<|im_start|>user\n`` / ``<|im_start|>assistant\n``, every
+# message followed by ``<|im_end|>\n``) as a chat template over content lists; an image part is
+# ``<img><IMG_CONTEXT></img>``, whose context token ``encode_prm_example`` repeats to the image's token count
+# (what ``<image>`` -> ``<img>`` + ``<IMG_CONTEXT>`` x 256 x tiles + ``</img>`` gives in the remote code).
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<img><IMG_CONTEXT></img>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 MODES = ("train", "score")
 
 IMAGE_BEFORE_TEXT = "before_text"  # image(s) first, then "### Question:..." (VL-PRM)
@@ -340,13 +362,46 @@ def label_token_ids(tokenizer) -> tuple[int, int]:
     return plus, minus
 
 
+class TemplatedTokenizer:
+    """A tokenizer whose ``apply_chat_template`` renders with ``chat_template`` instead of its own; every
+    other attribute and call goes to the tokenizer (ids, offsets, special tokens are the tokenizer's)."""
+
+    def __init__(self, tokenizer, chat_template: str):
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+
+    def apply_chat_template(self, messages, **kwargs):
+        kwargs.pop("chat_template", None)
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self.tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __repr__(self) -> str:
+        return f"TemplatedTokenizer({self.tokenizer!r})"
+
+
+def internvl_prompt_tokenizer(tokenizer) -> TemplatedTokenizer:
+    """``tokenizer`` rendering InternVL's conversation template (``INTERNVL_CHAT_TEMPLATE``): what the
+    PRM prompt of an InternVL backbone is encoded with (the remote code builds its prompts with that
+    template in Python, not with the tokenizer's chat template)."""
+    if isinstance(tokenizer, TemplatedTokenizer):
+        tokenizer = tokenizer.tokenizer
+    return TemplatedTokenizer(tokenizer, INTERNVL_CHAT_TEMPLATE)
+
+
 def _render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _check_no_control_tokens(question: str, steps: Sequence[str], system_prompt: str, placeholder: str):
+def _check_no_control_tokens(question: str, steps: Sequence[str], system_prompt: str, placeholder: str,
+                             extra: Sequence[str] = ()):
+    tokens = QWEN_SPECIAL_TOKENS + tuple(extra)
+
     def check(s, where):
-        for t in QWEN_SPECIAL_TOKENS:
+        for t in tokens:
             if t in s:
                 raise ValueError(f"{where} contains the special token string {t!r}, which would break the prompt")
 
@@ -464,6 +519,8 @@ def encode_prm_example(
     mode: str = "score",
     system_prompt: str | None = None,
     style: "str | PromptStyle | None" = None,
+    image_tokens: Sequence[int] | None = None,
+    image_pad: str = IMAGE_PAD,
 ) -> PromptEncoding:
     """Tokenize one (image(s), question, steps) example into the PRM prompt.
 
@@ -477,6 +534,9 @@ def encode_prm_example(
       do not fit.
     style: the prompt style (``PROMPT_STYLES`` name or ``PromptStyle``; default ``"vlprm"``): image
       placement and system prompt; ``system_prompt`` (None: the style's) overrides the latter.
+    image_tokens, image_pad: instead of ``image_grid_thw``, the number of tokens of each image, and the
+      token the chat template writes once per image that is repeated to that number (InternVL:
+      ``256 x tiles`` and ``"<IMG_CONTEXT>"``, with ``internvl_prompt_tokenizer(tokenizer)``).
     """
     st = get_prompt_style(style)
     system_prompt = st.system_prompt if system_prompt is None else system_prompt
@@ -486,7 +546,12 @@ def encode_prm_example(
         raise ValueError(f"placeholder must be a non-empty string, got {placeholder!r}")
     _check_text(question, steps)
     labs = _check_labels(labels, len(steps))
-    if image_grid_thw is None:
+    if image_tokens is not None:
+        if image_grid_thw is not None:
+            raise ValueError("give image_grid_thw or image_tokens, not both")
+        n_tok = np.asarray(image_tokens, dtype=np.int64).reshape(-1)
+        grids = np.zeros((len(n_tok), 3), np.int64)  # one row per image (only the count is used)
+    elif image_grid_thw is None:
         grids = np.zeros((0, 3), np.int64)
     else:
         grids = np.asarray(image_grid_thw, dtype=np.int64)
@@ -496,22 +561,28 @@ def encode_prm_example(
             raise ValueError(f"image_grid_thw must have shape (n_images, 3), got {grids.shape}")
     if merge_size <= 0:
         raise ValueError(f"merge_size must be positive, got {merge_size}")
-    n_tok = grids.prod(axis=1) // (merge_size**2) if len(grids) else np.zeros((0,), np.int64)
-    if np.any(n_tok <= 0):
-        raise ValueError(f"every image needs at least one token; image_grid_thw={grids.tolist()}, merge_size={merge_size}")
+    if image_tokens is None:
+        n_tok = grids.prod(axis=1) // (merge_size**2) if len(grids) else np.zeros((0,), np.int64)
+        if np.any(n_tok <= 0):
+            raise ValueError(f"every image needs at least one token; image_grid_thw={grids.tolist()}, "
+                             f"merge_size={merge_size}")
+    elif np.any(n_tok <= 0):
+        raise ValueError(f"every image needs at least one token; image_tokens={n_tok.tolist()}")
     if max_length is not None and max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
 
     plus_id, minus_id = label_token_ids(tokenizer)
     placeholder_id = _single_token_id(tokenizer, placeholder, "the placeholder")
-    pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    pad_id = tokenizer.convert_tokens_to_ids(image_pad)
     if len(grids) and (pad_id is None or pad_id == tokenizer.unk_token_id):
-        raise ValueError(f"tokenizer has no {IMAGE_PAD!r} token; is it a Qwen2/Qwen2.5-VL tokenizer?")
+        family = "a Qwen2/Qwen2.5-VL" if image_pad == IMAGE_PAD else "an InternVL"
+        raise ValueError(f"tokenizer has no {image_pad!r} token; is it {family} tokenizer?")
 
     turn_labels = labs if mode == "train" else [None] * len(labs)
     messages = build_messages(question, steps, turn_labels, num_images=len(grids), placeholder=placeholder,
                               system_prompt=system_prompt, style=st)
-    _check_no_control_tokens(question, steps, system_prompt, placeholder)
+    _check_no_control_tokens(question, steps, system_prompt, placeholder,
+                             () if image_pad == IMAGE_PAD else INTERNVL_ADDED_TOKENS[:3])
     n_steps = len(steps)
 
     text = _render(tokenizer, messages)
@@ -542,7 +613,8 @@ def encode_prm_example(
     ids_arr = np.asarray(ids, dtype=np.int64)
     pad_pos = np.flatnonzero(ids_arr == pad_id) if len(grids) else np.zeros((0,), np.int64)
     if len(pad_pos) != len(grids):
-        raise ValueError(f"the prompt has {len(pad_pos)} {IMAGE_PAD} tokens but image_grid_thw has {len(grids)} images")
+        raise ValueError(f"the prompt has {len(pad_pos)} {image_pad} tokens but "
+                         f"{'image_grid_thw' if image_tokens is None else 'image_tokens'} has {len(grids)} images")
     repeats = np.ones(len(ids_arr), dtype=np.int64)
     repeats[pad_pos] = n_tok
     new_start = np.concatenate([[0], np.cumsum(repeats)])  # new index of old token i; new_start[-1] = total

@@ -48,11 +48,17 @@ QWEN_VL_CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024):
+# The tokens InternVL (InternVL2.5 / InternVL3, VisualPRM) adds after its language model's vocabulary, in
+# its order (InternVL3-8B: <img> = 151665, </img> = 151666, <IMG_CONTEXT> = 151667, ...).
+INTERNVL_ADDED_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
+
+
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, extra_special_tokens: tuple[str, ...] = ()):
     """Train a byte-level BPE tokenizer with Qwen's special tokens and chat template.
 
     Deterministic for a given corpus and vocab size. The special tokens take the ids right after
     the learned vocabulary, so ``<|image_pad|>`` etc. have fixed ids for a given tokenizer.
+    ``extra_special_tokens`` follow them (``build_internvl_tokenizer``); ``vocab_size`` counts them.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -60,9 +66,10 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    n_learned = vocab_size - len(QWEN_SPECIAL_TOKENS)
+    specials = QWEN_SPECIAL_TOKENS + tuple(extra_special_tokens)
+    n_learned = vocab_size - len(specials)
     if n_learned < 257:
-        raise ValueError(f"vocab_size={vocab_size} is too small: need at least {257 + len(QWEN_SPECIAL_TOKENS)}")
+        raise ValueError(f"vocab_size={vocab_size} is too small: need at least {257 + len(specials)}")
     trainer = trainers.BpeTrainer(
         vocab_size=n_learned,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -70,15 +77,23 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024):
         show_progress=False,
     )
     tok.train_from_iterator(list(corpus), trainer=trainer)
-    tok.add_special_tokens(list(QWEN_SPECIAL_TOKENS))
+    tok.add_special_tokens(list(specials))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]),
+        additional_special_tokens=list(specials[1:]),
     )
     fast.chat_template = QWEN_VL_CHAT_TEMPLATE
     return fast
+
+
+def build_internvl_tokenizer(corpus: Iterable[str], vocab_size: int = 1024):
+    """``build_tokenizer`` with InternVL's added tokens (``INTERNVL_ADDED_TOKENS``) after Qwen's, as
+    InternVL3's tokenizer (a Qwen2.5 tokenizer + ``<img>``, ``</img>``, ``<IMG_CONTEXT>``, ...) has them:
+    a tokenizer for tiny InternVL models in tests. InternVL's prompts are rendered with its own
+    conversation template (``jaxprm.data.prompt.INTERNVL_CHAT_TEMPLATE``), whatever the tokenizer's."""
+    return build_tokenizer(corpus, vocab_size, extra_special_tokens=INTERNVL_ADDED_TOKENS)
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:
