@@ -19,7 +19,10 @@ training run; ``restore_params`` reads only ``params`` (what ``load_prm_model`` 
 
 An exported PRM (``export_hf``) is a plain HF Qwen2.5-VL directory (config.json, model.safetensors,
 tokenizer, preprocessor_config.json) plus prm.json (and step_head.safetensors for a linear head),
-so transformers can load the backbone and ``load_prm_model`` the whole PRM. It is written atomically
+so transformers can load the backbone and ``load_prm_model`` the whole PRM. A PRM on the InternVL backbone
+exports transformers' native InternVL layout (``model_type: internvl``) the same way; ``load_prm_model``
+also reads the remote-code InternVL layout the released VisualPRMs ship (``config.json`` with
+``llm_config``). It is written atomically
 (a temporary directory renamed into place) and its model.safetensors carries jaxprm's writer metadata;
 a directory jaxprm wrote but without prm.json is refused, while a plain HF directory without one gets
 ``default_spec`` (said once in the log).
@@ -62,12 +65,55 @@ def save_assets(directory: str, *, spec: PRMSpec, model_config: Qwen25VLConfig, 
     tokenizer.save_pretrained(directory)
 
 
-def default_spec(tokenizer, head: str = "lm_rows") -> PRMSpec:
-    """The VL-PRM / VisualPRM convention: the "+" and "-" tokens' rows of the lm head."""
+def default_spec(tokenizer, head: str = "lm_rows", prompt_style: str | None = None) -> PRMSpec:
+    """The VL-PRM / VisualPRM convention: the "+" and "-" tokens' rows of the lm head (prompt style: the
+    default, ``"vlprm"``, unless given)."""
     from jaxprm.data.prompt import label_token_ids
 
     plus, minus = label_token_ids(tokenizer)
-    return PRMSpec(plus_id=plus, minus_id=minus, head=head)
+    kw = {} if prompt_style is None else {"prompt_style": prompt_style}
+    return PRMSpec(plus_id=plus, minus_id=minus, head=head, **kw)
+
+
+INTERNVL_PROMPT_STYLE = "visualprm"  # an InternVL directory without prm.json: a released VisualPRM
+
+
+def _config_dict(directory: str) -> dict:
+    import json
+
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def is_internvl_dir(directory: str) -> bool:
+    """Whether ``directory``'s config.json is an InternVL one (remote-code ``llm_config`` layout, or
+    transformers' ``model_type: internvl``); False when it is missing or unreadable."""
+    d = _config_dict(directory)
+    return "llm_config" in d or d.get("model_type") in ("internvl", "internvl_chat")
+
+
+def _is_remote_code_dir(directory: str) -> bool:
+    return "llm_config" in _config_dict(directory)
+
+
+def _internvl_image_processor(directory: str, config):
+    """preprocessor_config.json, else the remote-code config.json's tiling fields, else InternVL's defaults
+    (1..12 tiles and a thumbnail) at the model's tile size; checked against the model."""
+    from jaxprm.data.preprocess_internvl import InternVLImageProcessor
+
+    has_own = os.path.exists(os.path.join(directory, "preprocessor_config.json"))
+    if has_own or _is_remote_code_dir(directory):  # else a native config.json, which has no tiling fields
+        ip = InternVLImageProcessor.from_pretrained(directory)
+    else:
+        ip = InternVLImageProcessor(image_size=config.vision.image_size)
+    if ip.image_size != config.vision.image_size:
+        raise ValueError(f"{directory}: the image processor makes {ip.image_size} px tiles but the vision tower "
+                         f"takes {config.vision.image_size} px")
+    return ip
 
 
 JAXPRM_MARKERS = ("step_head.safetensors",)  # files only jaxprm writes (plus WRITER_METADATA in model.safetensors)
@@ -116,21 +162,46 @@ def load_assets(directory: str, *, jaxprm_dir: bool = False):
             raise FileNotFoundError(f"{prm_json} is missing, but {directory} is a jaxprm export ({marker}): "
                                     "without it the head, label ids and system prompt are unknown; re-export "
                                     "the PRM or restore prm.json")
-    config = _read_json_file(os.path.join(directory, "config.json"), lambda: Qwen25VLConfig.from_pretrained(directory))
+    internvl = is_internvl_dir(directory)
+    if internvl:
+        from jaxprm.models.internvl import InternVLConfig
+
+        config = _read_json_file(os.path.join(directory, "config.json"), lambda: InternVLConfig.from_pretrained(directory))
+    else:
+        config = _read_json_file(os.path.join(directory, "config.json"),
+                                 lambda: Qwen25VLConfig.from_pretrained(directory))
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{directory}: could not load a tokenizer ({e}); copy the base model's "
                                 "tokenizer files into this directory") from e
-    try:
-        image_processor = _read_json_file(os.path.join(directory, "preprocessor_config.json"),
-                                          lambda: ImageProcessor.from_pretrained(directory))
-    except FileNotFoundError:
-        image_processor = ImageProcessor(patch_size=config.vision.patch_size,
-                                         temporal_patch_size=config.vision.temporal_patch_size,
-                                         merge_size=config.vision.spatial_merge_size)
+    if internvl:
+        if config.image_token_id is None:  # remote-code config.json; the tokenizer files did not name it
+            import dataclasses
+
+            from jaxprm.data.prompt import INTERNVL_IMAGE_PAD
+
+            tid = tokenizer.convert_tokens_to_ids(INTERNVL_IMAGE_PAD)
+            if tid is None or tid == tokenizer.unk_token_id:
+                raise ValueError(f"{directory}: the tokenizer has no {INTERNVL_IMAGE_PAD} token; is it the "
+                                 "checkpoint's own tokenizer?")
+            config = dataclasses.replace(config, image_token_id=int(tid))
+        image_processor = _internvl_image_processor(directory, config)
+    else:
+        try:
+            image_processor = _read_json_file(os.path.join(directory, "preprocessor_config.json"),
+                                              lambda: ImageProcessor.from_pretrained(directory))
+        except FileNotFoundError:
+            image_processor = ImageProcessor(patch_size=config.vision.patch_size,
+                                             temporal_patch_size=config.vision.temporal_patch_size,
+                                             merge_size=config.vision.spatial_merge_size)
     spec = PRMSpec.load(directory)
-    if spec is None:
+    if spec is None and internvl:
+        spec = default_spec(tokenizer, prompt_style=INTERNVL_PROMPT_STYLE)
+        log.info("%s has no prm.json: an InternVL directory, using the VisualPRM spec (head 'lm_rows', the "
+                 "\"+\"/\"-\" rows %d/%d of the lm head, prompt style %r)", directory, spec.plus_id, spec.minus_id,
+                 spec.prompt_style)
+    elif spec is None:
         spec = default_spec(tokenizer)
         log.info("%s has no prm.json: using the default VL-PRM spec (head 'lm_rows', the \"+\"/\"-\" rows "
                  "%d/%d of the lm head, prompt style %r)", directory, spec.plus_id, spec.minus_id, spec.prompt_style)
@@ -273,14 +344,20 @@ def load_prm_model(path: str, dtype=jnp.float32, step: int | None = None, attn_i
         raise FileNotFoundError(f"{path!r} is not a directory")
     if is_workdir(path):
         spec, config, tok, ip = load_assets(os.path.join(path, ASSETS), jaxprm_dir=True)
+        backbone_cls = Qwen25VL if isinstance(config, Qwen25VLConfig) else _internvl_class()
         # abstract (no allocation, no random init); the restore fills in the arrays
-        model = nnx.eval_shape(lambda: PRMModel(Qwen25VL(config, dtype=dtype, attn_impl=attn_impl), spec))
+        model = nnx.eval_shape(lambda: PRMModel(backbone_cls(config, dtype=dtype, attn_impl=attn_impl), spec))
         restore_params(path, model, step)
         return model, tok, ip
     if step is not None:
         raise ValueError(f"step={step} only applies to a training workdir; {path} is an HF/exported directory")
-    spec, _, tok, ip = load_assets(path)
-    backbone = from_pretrained(path, dtype=dtype, attn_impl=attn_impl)
+    spec, config, tok, ip = load_assets(path)
+    if isinstance(config, Qwen25VLConfig):
+        backbone = from_pretrained(path, dtype=dtype, attn_impl=attn_impl)
+    else:
+        from jaxprm.models import internvl
+
+        backbone = internvl.from_pretrained(path, dtype=dtype, attn_impl=attn_impl, image_token_id=config.image_token_id)
     model = PRMModel(backbone, spec)
     if spec.head == "linear":
         f = os.path.join(path, "step_head.safetensors")
@@ -297,10 +374,16 @@ def load_prm_model(path: str, dtype=jnp.float32, step: int | None = None, attn_i
     return model, tok, ip
 
 
-def export_hf(model: PRMModel, tokenizer, image_processor: ImageProcessor, out_dir: str, dtype=None) -> str:
-    """Write the PRM as an HF Qwen2.5-VL directory + prm.json (see module docstring), atomically: all
-    files go to a temporary directory next to ``out_dir`` that is then renamed to it (an existing
-    ``out_dir`` is replaced), so a reader sees the old export, the new one, or none -- never a part."""
+def _internvl_class():
+    from jaxprm.models.internvl import InternVL
+
+    return InternVL
+
+
+def export_hf(model: PRMModel, tokenizer, image_processor, out_dir: str, dtype=None) -> str:
+    """Write the PRM as an HF Qwen2.5-VL (or native InternVL) directory + prm.json (see module docstring),
+    atomically: all files go to a temporary directory next to ``out_dir`` that is then renamed to it (an
+    existing ``out_dir`` is replaced), so a reader sees the old export, the new one, or none -- never a part."""
     given, out_dir = out_dir, os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -308,7 +391,12 @@ def export_hf(model: PRMModel, tokenizer, image_processor: ImageProcessor, out_d
     old = None
     try:
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's 0o700 -> what os.makedirs gives
-        save_pretrained(model.backbone, tmp, dtype=dtype)
+        if model.backbone_kind == "internvl":
+            from jaxprm.models import internvl
+
+            internvl.save_pretrained(model.backbone, tmp, dtype=dtype)
+        else:
+            save_pretrained(model.backbone, tmp, dtype=dtype)
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
         if model.step_head is not None:

@@ -1,4 +1,13 @@
-"""A process reward model: the Qwen2.5-VL backbone plus a step head read at label positions.
+"""A process reward model: a vision-language backbone plus a step head read at label positions.
+
+The backbone is Qwen2.5-VL (``jaxprm.models.qwen2_5_vl.Qwen25VL``, VL-PRM) or InternVL
+(``jaxprm.models.internvl.InternVL``, VisualPRM). What the PRM needs of it is small and the same for
+both: ``hidden_states(input_ids, position_ids, segment_ids, pixel_values, <vision inputs>, past_kv=,
+past_segment_ids=, return_kv=)`` (final-normed decoder states, optionally with the K/V of the tokens
+run, or on top of a K/V cache of a shared prefix), ``token_logits`` / ``logits`` (the "+"/"-" rows, or
+all of them), ``lm_head`` / ``language_model.embed_tokens`` and ``config.text`` / ``config.image_token_id``.
+The vision inputs differ and are read from the batch by ``backbone_vision_inputs``: Qwen2.5-VL's
+patches come with their layout (``LAYOUT_KEYS``), InternVL's tiles with ``image_flags`` (0 = a padding tile).
 
 The step head scores each step from the decoder state at the position that predicts the step's
 assistant turn ("+" or "-"). Two heads:
@@ -26,8 +35,33 @@ from jaxprm.models.spec import (  # noqa: F401  (re-exported: jaxprm.models.prm.
     PRMSpec,
 )
 
+BACKBONES = ("qwen2_5_vl", "internvl")
+
+
+def backbone_kind(backbone) -> str:
+    """``"qwen2_5_vl"`` or ``"internvl"`` (a name in ``BACKBONES``) for a backbone module."""
+    if isinstance(backbone, Qwen25VL):
+        return "qwen2_5_vl"
+    from jaxprm.models.internvl.model import InternVL
+
+    if isinstance(backbone, InternVL):
+        return "internvl"
+    raise TypeError(f"unsupported PRM backbone {type(backbone).__name__}: expected Qwen25VL or InternVL")
+
+
+def backbone_vision_inputs(kind: str, batch: dict):
+    """The backbone's vision argument next to ``pixel_values``: Qwen2.5-VL's layout arrays, InternVL's
+    ``image_flags`` (None when the batch has no images, or InternVL tiles without flags: all kept)."""
+    if "pixel_values" not in batch:
+        return None
+    if kind == "internvl":
+        return batch.get("image_flags")
+    return {k: batch[k] for k in LAYOUT_KEYS}
+
+
 class PRMModel(nnx.Module):
-    def __init__(self, backbone: Qwen25VL, spec: PRMSpec):
+    def __init__(self, backbone, spec: PRMSpec):
+        self.backbone_kind = backbone_kind(backbone)
         self.backbone, self.spec = backbone, spec
         spec.check_ids(vocab_size=backbone.config.text.vocab_size)
         if spec.head == "linear":
@@ -50,11 +84,13 @@ class PRMModel(nnx.Module):
         dt = self.backbone.dtype
         return jnp.einsum("...d,dc->...c", h, self.step_head[...].astype(dt)) + self.step_bias[...].astype(dt)
 
-    def hidden_states(self, batch: dict):
-        """Batch from the data pipeline -> (B, L, D) decoder states."""
-        layout = {k: batch[k] for k in LAYOUT_KEYS} if "pixel_values" in batch else None
+    def hidden_states(self, batch: dict, *, past_kv=None, past_segment_ids=None, return_kv: bool = False):
+        """Batch from the data pipeline (or the scorer) -> (B, L, D) decoder states; with ``return_kv``
+        ``(states, (k, v))``; ``past_kv`` / ``past_segment_ids``: a cached prefix the batch continues
+        (see ``TextModel.__call__``)."""
         return self.backbone.hidden_states(batch["input_ids"], batch["position_ids"], batch["segment_ids"],
-                                           batch.get("pixel_values"), layout)
+                                           batch.get("pixel_values"), backbone_vision_inputs(self.backbone_kind, batch),
+                                           past_kv=past_kv, past_segment_ids=past_segment_ids, return_kv=return_kv)
 
     def step_logits(self, batch: dict, hidden=None):
         """Batch from the data pipeline -> (B, S, 2) float32 logits at ``label_positions``."""

@@ -7,7 +7,9 @@ shapes is ever compiled:
 * token lengths: ``length_buckets`` for whole sequences, ``prefix_buckets`` for shared prefixes and
   ``suffix_buckets`` for the candidate continuations; lengths above the largest bucket round up to a
   multiple of it (a new, rarely used shape);
-* vision patches per row: ``patch_buckets`` (0 = no image, a separate variant without the tower).
+* vision inputs per row: ``patch_buckets`` (0 = no image, a separate variant without the tower), in
+  the backbone's unit: patches for Qwen2.5-VL, 448 px tiles for InternVL (padding tiles are flagged
+  off with ``image_flags``, so they never reach the language model).
 
 Three jitted functions (``nnx.split`` once into graphdef/state; pure functions of ``(state, arrays)``
 that ``nnx.merge`` inside the trace, so a call is one cheap C++ dispatch): ``full`` (whole sequences,
@@ -44,14 +46,16 @@ import numpy as np
 from flax import nnx
 
 from jaxprm.models.prm import PRMModel, step_probs
-from jaxprm.models.qwen2_5_vl.rope import LAYOUT_KEYS, VisionLayouts
+from jaxprm.models.qwen2_5_vl.rope import VisionLayouts
 
 __all__ = ["Scorer", "TokenSequence", "KVCache", "SuffixKV", "bucket_size", "DEFAULT_LENGTH_BUCKETS",
-           "DEFAULT_SUFFIX_BUCKETS", "DEFAULT_PATCH_BUCKETS", "DEFAULT_BATCH_BUCKETS"]
+           "DEFAULT_SUFFIX_BUCKETS", "DEFAULT_PATCH_BUCKETS", "DEFAULT_TILE_BUCKETS", "DEFAULT_BATCH_BUCKETS"]
 
 DEFAULT_LENGTH_BUCKETS = (128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 DEFAULT_SUFFIX_BUCKETS = (32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 DEFAULT_PATCH_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384)
+# InternVL: tiles per row (an image is 1 tile, or a grid of 2..12 plus its thumbnail: 3..13)
+DEFAULT_TILE_BUCKETS = (1, 3, 5, 7, 10, 13, 26)
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8)
 
 
@@ -86,8 +90,10 @@ class TokenSequence:
     """One tokenized sequence to score (no padding).
 
     input_ids (L,), position_ids (3, L) (M-RoPE positions of these tokens; for a suffix the slice of
-    the full sequence's positions), label_positions (S,) indices into this sequence whose step head is
-    read, pixel_values (n_patches, patch_dim) / image_grid_thw (n_images, 3) or None.
+    the full sequence's positions; 1D RoPE backbones: three equal rows), label_positions (S,) indices
+    into this sequence whose step head is read, pixel_values (n_patches, patch_dim) / image_grid_thw
+    (n_images, 3) or None. InternVL: pixel_values (n_tiles, C, S, S) and image_grid_thw the tile count
+    of each image (n_images,).
     """
 
     input_ids: np.ndarray
@@ -114,6 +120,11 @@ class TokenSequence:
             raise ValueError("give pixel_values and image_grid_thw together")
         if self.pixel_values is not None:
             self.pixel_values = np.asarray(self.pixel_values, np.float32)
+            if self.pixel_values.ndim == 4:  # InternVL tiles; image_grid_thw: tiles per image
+                self.image_grid_thw = np.asarray(self.image_grid_thw, np.int64).reshape(-1)
+                if int(self.image_grid_thw.sum()) != self.pixel_values.shape[0]:
+                    raise ValueError("the tile counts in image_grid_thw do not add up to the tiles in pixel_values")
+                return
             self.image_grid_thw = np.asarray(self.image_grid_thw, np.int64).reshape(-1, 3)
             if int(self.image_grid_thw.prod(-1).sum()) != self.pixel_values.shape[0]:
                 raise ValueError("image_grid_thw does not match the number of patches in pixel_values")
@@ -169,21 +180,15 @@ class _Compiled:
         self.trace_counts: collections.Counter = collections.Counter()
         gd = graphdef
 
-        def layout_of(batch):
-            return {k: batch[k] for k in LAYOUT_KEYS} if "pixel_values" in batch else None
-
         def full(state, batch):
             self.trace_counts["full"] += 1
             model = nnx.merge(gd, state)
-            h = model.backbone.hidden_states(batch["input_ids"], batch["position_ids"], batch["segment_ids"],
-                                             batch.get("pixel_values"), layout_of(batch))
-            return step_probs(model.head(h))
+            return step_probs(model.head(model.hidden_states(batch)))
 
         def prefix(state, batch):
             self.trace_counts["prefix"] += 1
             model = nnx.merge(gd, state)
-            _, kv = model.backbone.hidden_states(batch["input_ids"], batch["position_ids"], batch["segment_ids"],
-                                                 batch.get("pixel_values"), layout_of(batch), return_kv=True)
+            _, kv = model.hidden_states(batch, return_kv=True)
             return kv
 
         def on_cache(state, kv, past_segment_ids, batch, return_kv):
@@ -192,8 +197,7 @@ class _Compiled:
             b = batch["input_ids"].shape[0]
             past = tuple(jnp.broadcast_to(x, (x.shape[0], b, *x.shape[2:])) for x in kv)
             past_seg = jnp.broadcast_to(past_segment_ids, (b, past_segment_ids.shape[1]))
-            out = model.backbone.hidden_states(batch["input_ids"], batch["position_ids"], batch["segment_ids"],
-                                               past_kv=past, past_segment_ids=past_seg, return_kv=return_kv)
+            out = model.hidden_states(batch, past_kv=past, past_segment_ids=past_seg, return_kv=return_kv)
             if return_kv:
                 return step_probs(model.head(out[0])), out[1]
             return step_probs(model.head(out))
@@ -245,6 +249,55 @@ def _compiled_for(graphdef) -> _Compiled:
 
 
 # ------------------------------------------------------------------------------------------------
+# the vision inputs of a batch, per backbone
+# ------------------------------------------------------------------------------------------------
+class _PatchInputs:
+    """Qwen2.5-VL: per row, ``units`` patches (P, patch_dim) and their layout arrays."""
+
+    default_buckets = DEFAULT_PATCH_BUCKETS
+
+    def __init__(self, config):
+        v = config.vision
+        self.multiple_of, self.patch_dim = v.spatial_merge_size**2, v.patch_dim
+        self._layouts = VisionLayouts(v)
+
+    def pack(self, seqs: Sequence[TokenSequence | None], rows: int, units: int) -> dict:
+        pv = np.zeros((rows, units, self.patch_dim), np.float32)
+        grids = []
+        for i in range(rows):
+            s = seqs[i] if i < len(seqs) else None
+            has_image = s is not None and s.pixel_values is not None
+            if has_image:
+                pv[i, : s.num_patches] = s.pixel_values
+            grids.append(s.image_grid_thw if has_image else None)
+        return {"pixel_values": pv, **self._layouts.batch(grids, units)}
+
+
+class _TileInputs:
+    """InternVL: per row, ``units`` tiles (T, C, S, S) and ``image_flags`` (T,): 1 for the row's own
+    tiles, 0 for padding (dropped before the language model)."""
+
+    default_buckets = DEFAULT_TILE_BUCKETS
+    multiple_of = 1
+
+    def __init__(self, config):
+        v = config.vision
+        self.tile_shape = (v.num_channels, v.image_size, v.image_size)
+
+    def pack(self, seqs: Sequence[TokenSequence | None], rows: int, units: int) -> dict:
+        pv = np.zeros((rows, units, *self.tile_shape), np.float32)
+        flags = np.zeros((rows, units), np.int32)
+        for i in range(rows):
+            s = seqs[i] if i < len(seqs) else None
+            if s is not None and s.pixel_values is not None:
+                if s.pixel_values.shape[1:] != self.tile_shape:
+                    raise ValueError(f"tiles of shape {s.pixel_values.shape[1:]}, the model takes {self.tile_shape}")
+                pv[i, : s.num_patches] = s.pixel_values
+                flags[i, : s.num_patches] = 1
+        return {"pixel_values": pv, "image_flags": flags}
+
+
+# ------------------------------------------------------------------------------------------------
 # Scorer
 # ------------------------------------------------------------------------------------------------
 class Scorer:
@@ -254,7 +307,7 @@ class Scorer:
                  length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
                  prefix_buckets: Sequence[int] | None = None,
                  suffix_buckets: Sequence[int] = DEFAULT_SUFFIX_BUCKETS,
-                 patch_buckets: Sequence[int] = DEFAULT_PATCH_BUCKETS,
+                 patch_buckets: Sequence[int] | None = None,
                  max_batch_tokens: int | None = None):
         if not isinstance(model, PRMModel):
             raise TypeError(f"Scorer needs a jaxprm.models.prm.PRMModel, got {type(model).__name__}")
@@ -262,9 +315,8 @@ class Scorer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.config = model.backbone.config
-        v = self.config.vision
-        self.merge = v.spatial_merge_size
-        self.patch_dim = v.patch_dim
+        # the backbone's vision inputs (patch_buckets count its unit: patches or tiles; None: its default)
+        self._vision = _TileInputs(self.config) if model.backbone_kind == "internvl" else _PatchInputs(self.config)
         self.batch_size = int(batch_size)
         if batch_buckets is None:
             batch_buckets = sorted({min(2**i, self.batch_size) for i in range(self.batch_size.bit_length() + 1)})
@@ -275,11 +327,11 @@ class Scorer:
         self.length_buckets = _check_buckets("length_buckets", length_buckets)
         self.prefix_buckets = _check_buckets("prefix_buckets", prefix_buckets or self.length_buckets)
         self.suffix_buckets = _check_buckets("suffix_buckets", suffix_buckets)
-        self.patch_buckets = _check_buckets("patch_buckets", patch_buckets, self.merge**2)
+        self.patch_buckets = _check_buckets("patch_buckets", patch_buckets or self._vision.default_buckets,
+                                            self._vision.multiple_of)
         self.max_batch_tokens = None if max_batch_tokens is None else int(max_batch_tokens)
         self.graphdef, self.state = nnx.split(model)
         self._fns = _compiled_for(self.graphdef)
-        self._layouts = VisionLayouts(self.config.vision)
 
     # -- introspection ---------------------------------------------------------------------------
     @property
@@ -324,22 +376,13 @@ class Scorer:
         pos = np.zeros((3, rows, length), np.int32)
         seg = np.zeros((rows, length), np.int32)
         batch = {"input_ids": ids, "position_ids": pos, "segment_ids": seg}
-        if patches:
-            pv = np.zeros((rows, patches, self.patch_dim), np.float32)
-            grids = []
         for i in range(rows):
             s = seqs[i] if i < len(seqs) else None
             if s is not None:
                 n = len(s)
                 ids[i, :n], pos[:, i, :n], seg[i, :n] = s.input_ids, s.position_ids, 1
-            if patches:
-                has_image = s is not None and s.pixel_values is not None
-                if has_image:
-                    pv[i, : s.num_patches] = s.pixel_values
-                grids.append(s.image_grid_thw if has_image else None)
         if patches:
-            batch["pixel_values"] = pv
-            batch.update(self._layouts.batch(grids, patches))
+            batch.update(self._vision.pack(seqs, rows, patches))
         return batch
 
     # -- scoring ---------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Host side of scoring: ``load_prm(path)`` -> ``PRM.score / score_batch / score_candidates``.
 
-``PRM`` (host side) builds the VL-PRM prompt (``jaxprm.data.prompt.encode_prm_example``), the
-image patches (``ImageProcessor``) and the 3D M-RoPE positions (``rope.get_rope_index``) and calls the
-scorer. ``score_candidates`` scores N solutions of one problem: the system turn, the image(s) and
+``PRM`` (host side) builds the PRM prompt in its style (``jaxprm.data.prompt.encode_prm_example``), the
+image inputs and the positions, and calls the scorer. On Qwen2.5-VL: patches (``ImageProcessor``) and
+3D M-RoPE positions (``rope.get_rope_index``); on InternVL (VisualPRM): 448 px tiles
+(``InternVLImageProcessor``), ``<img><IMG_CONTEXT> x 256 x tiles</img>`` per image in InternVL's
+conversation template (``jaxprm.data.prompt.internvl_prompt_tokenizer``) and 1D positions 0..L-1. ``score_candidates`` scores N solutions of one problem: the system turn, the image(s) and
 the question are run once, and only each candidate's own tokens are run in batches. The shared prefix
 is not assumed from the template: it is the longest common prefix of the candidates' token ids, cut
 before the first label position, and checked to hold every image token.
@@ -22,9 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprm.data.preprocess import ImageProcessor
+from jaxprm.data.preprocess_internvl import InternVLImageProcessor
 from jaxprm.dtypes import jax_float_type
-from jaxprm.data.prompt import POSITIVE_TOKEN, build_messages, encode_prm_example, get_prompt_style, label_token_ids
-from jaxprm.data.tokenizer import QWEN_SPECIAL_TOKENS
+from jaxprm.data.prompt import (INTERNVL_IMAGE_PAD, POSITIVE_TOKEN, build_messages, encode_prm_example, get_prompt_style,
+                                internvl_prompt_tokenizer, label_token_ids)
+from jaxprm.data.tokenizer import INTERNVL_ADDED_TOKENS, QWEN_SPECIAL_TOKENS
 from jaxprm.models.prm import PRMModel
 from jaxprm.models.qwen2_5_vl import rope
 from jaxprm.scoring.device import KVCache, Scorer, SuffixKV, TokenSequence
@@ -65,7 +69,7 @@ class _Encoded:
     label_positions: np.ndarray  # (kept,)
     n_steps: int
     pixel_values: np.ndarray | None
-    grid: np.ndarray | None
+    grid: np.ndarray | None  # (n_images, 3) grids; InternVL: (n_images,) tile counts
     text: str = ""  # the chat-template string (image pads not expanded)
 
     @property
@@ -86,21 +90,38 @@ class PRM:
     question) and first step alone do not fit raises a ``ValueError`` naming the item.
     """
 
-    def __init__(self, model: PRMModel, tokenizer, image_processor: ImageProcessor | None = None, *,
-                 system_prompt: str | None = None, prompt_style: str | None = None, max_length: int | None = None,
+    def __init__(self, model: PRMModel, tokenizer, image_processor: ImageProcessor | InternVLImageProcessor | None = None,
+                 *, system_prompt: str | None = None, prompt_style: str | None = None, max_length: int | None = None,
                  **scorer_kwargs):
         if not isinstance(model, PRMModel):
             raise TypeError(f"PRM needs a jaxprm.models.prm.PRMModel, got {type(model).__name__}")
         self.model, self.tokenizer = model, tokenizer
         cfg = model.backbone.config
         self.config = cfg
-        self.image_processor = image_processor or ImageProcessor(
-            patch_size=cfg.vision.patch_size, temporal_patch_size=cfg.vision.temporal_patch_size,
-            merge_size=cfg.vision.spatial_merge_size)
-        if self.image_processor.merge_size != cfg.vision.spatial_merge_size or \
-                self.image_processor.patch_size != cfg.vision.patch_size:
-            raise ValueError(f"{self.image_processor!r} does not match the model's vision config "
-                             f"(patch {cfg.vision.patch_size}, merge {cfg.vision.spatial_merge_size})")
+        self.internvl = model.backbone_kind == "internvl"
+        # what prompts are rendered with: the tokenizer's chat template (Qwen2.5-VL), InternVL's conversation
+        # template (InternVL: the remote code's, whatever template its tokenizer ships)
+        self.prompt_tokenizer = internvl_prompt_tokenizer(tokenizer) if self.internvl else tokenizer
+        if self.internvl:
+            self.image_processor = image_processor or InternVLImageProcessor(image_size=cfg.vision.image_size)
+            if not isinstance(self.image_processor, InternVLImageProcessor) or \
+                    self.image_processor.image_size != cfg.vision.image_size:
+                raise ValueError(f"{self.image_processor!r} does not match the model's vision config "
+                                 f"(InternVL tiles of {cfg.vision.image_size} px)")
+            if cfg.image_token_id is None:
+                raise ValueError("the InternVL model's <IMG_CONTEXT> id is unknown; load it with image_token_id=")
+            tid = tokenizer.convert_tokens_to_ids(INTERNVL_IMAGE_PAD)
+            if tid != cfg.image_token_id:
+                raise ValueError(f"the tokenizer's {INTERNVL_IMAGE_PAD} is token {tid} but the model's image_token_id "
+                                 f"is {cfg.image_token_id}; is it the checkpoint's tokenizer?")
+        else:
+            self.image_processor = image_processor or ImageProcessor(
+                patch_size=cfg.vision.patch_size, temporal_patch_size=cfg.vision.temporal_patch_size,
+                merge_size=cfg.vision.spatial_merge_size)
+            if self.image_processor.merge_size != cfg.vision.spatial_merge_size or \
+                    self.image_processor.patch_size != cfg.vision.patch_size:
+                raise ValueError(f"{self.image_processor!r} does not match the model's vision config "
+                                 f"(patch {cfg.vision.patch_size}, merge {cfg.vision.spatial_merge_size})")
         # the layout the PRM was trained with (its spec), unless the caller overrides it
         self.prompt_style = get_prompt_style(prompt_style or model.spec.prompt_style)
         self.system_prompt = system_prompt or model.spec.system_prompt or self.prompt_style.system_prompt
@@ -132,14 +153,20 @@ class PRM:
         if not images:
             return None, None
         out = self.image_processor(images)
+        if self.internvl:
+            return out["pixel_values"].astype(np.float32), out["num_patches"].astype(np.int64)
         return out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
 
     def _encode(self, pv, grid, question: str, steps: list[str], where: str = "") -> _Encoded:
         cfg = self.config
+        if self.internvl:  # grid: tiles per image, each tile image_seq_length <IMG_CONTEXT> tokens
+            image_kw = dict(image_tokens=None if grid is None else np.asarray(grid) * cfg.image_seq_length,
+                            image_pad=INTERNVL_IMAGE_PAD)
+        else:
+            image_kw = dict(image_grid_thw=grid, merge_size=cfg.vision.spatial_merge_size)
         try:
-            enc = encode_prm_example(self.tokenizer, question, steps, image_grid_thw=grid,
-                                     merge_size=cfg.vision.spatial_merge_size, max_length=self.max_length,
-                                     mode="score", system_prompt=self.system_prompt, style=self.prompt_style)
+            enc = encode_prm_example(self.prompt_tokenizer, question, steps, max_length=self.max_length,
+                                     mode="score", system_prompt=self.system_prompt, style=self.prompt_style, **image_kw)
         except ValueError as e:
             if "max_length" not in str(e):
                 raise
@@ -149,6 +176,9 @@ class PRM:
         if len(enc.input_ids) > self.max_length:  # pragma: no cover - encode_prm_example guarantees it
             raise RuntimeError(f"{len(enc.input_ids)} tokens > max_length={self.max_length}; this is a bug")
         ids = enc.input_ids.astype(np.int32)
+        if self.internvl:  # 1D RoPE: 0..L-1 (the three M-RoPE rows equal)
+            pos = np.broadcast_to(np.arange(len(ids), dtype=np.int32), (3, len(ids))).copy()
+            return _Encoded(ids, pos, enc.label_positions.astype(np.int64), len(steps), pv, grid, enc.text)
         pos, _ = rope.get_rope_index(ids[None], image_token_id=cfg.image_token_id,
                                      video_token_id=cfg.video_token_id,
                                      spatial_merge_size=cfg.vision.spatial_merge_size, image_grid_thw=grid,
@@ -295,7 +325,7 @@ class IncrementalScorer:
         self.prm, self.question, self.check = prm, question, bool(check)
         self.pixel_values, self.grid = prm._images(image)
         cfg = prm.config
-        self._image_ids = np.asarray(sorted({int(i) for i in (cfg.image_token_id, cfg.video_token_id)
+        self._image_ids = np.asarray(sorted({int(i) for i in (cfg.image_token_id, getattr(cfg, "video_token_id", None))
                                              if i is not None}), np.int64)
         self._num_images = 0 if self.grid is None else int(len(self.grid))
         self._plus_id = label_token_ids(prm.tokenizer)[0]  # encode_prm_example's placeholder in "score" mode
@@ -423,8 +453,8 @@ class IncrementalScorer:
     def _from_split(self, steps: list[str]) -> _Continuation | None:
         """The new turn's tokens from the text after the cached conversation (see the class docstring);
         None where that does not apply (the caller then encodes the whole conversation)."""
-        prm, tok = self.prm, self.prm.tokenizer
-        if any(t in steps[-1] for t in QWEN_SPECIAL_TOKENS):
+        prm, tok = self.prm, self.prm.prompt_tokenizer
+        if any(t in steps[-1] for t in QWEN_SPECIAL_TOKENS + (INTERNVL_ADDED_TOKENS if prm.internvl else ())):
             return None  # the full encoding raises the proper error
         msgs = build_messages(self.question, steps, num_images=self._num_images, placeholder=POSITIVE_TOKEN,
                               system_prompt=prm.system_prompt, style=prm.prompt_style)
@@ -466,11 +496,15 @@ def load_prm(path, dtype="float32", step: int | None = None, *, attn_impl: str =
              system_prompt: str | None = None, prompt_style: str | None = None, max_length: int | None = None,
              **scorer_kwargs) -> PRM:
     """A ``PRM`` from a jaxprm training workdir (latest Orbax step, or ``step``), an exported PRM, or an
-    HF Qwen2.5-VL directory (e.g. a released VL-PRM checkpoint; "+"/"-" rows of the lm head).
+    HF Qwen2.5-VL directory (e.g. a released VL-PRM checkpoint; "+"/"-" rows of the lm head), or an
+    InternVL directory (a released VisualPRM-8B / -v1.1 in the remote-code layout, or transformers'
+    native ``model_type: internvl`` layout; "+"/"-" rows of the lm head, prompt style ``"visualprm"``
+    when it has no ``prm.json``).
 
     ``dtype``: "float32" / "bfloat16" / "float16" (or an alias such as "bf16", see ``jaxprm.dtypes``) / a jnp
     dtype (compute and storage). The prompt layout is the one in the PRM's ``prm.json``
-    (``prompt_style``; ``"vlprm"`` for an HF directory without one, the released VL-PRM layout);
+    (``prompt_style``; for an HF directory without one ``"vlprm"``, the released VL-PRM layout, or
+    ``"visualprm"`` on an InternVL backbone);
     ``prompt_style`` (a name in ``jaxprm.data.prompt.PROMPT_STYLES``) overrides it, e.g. ``"visualprm"``.
     Other keyword arguments go to ``PRM`` / ``Scorer`` (``batch_size``, ``length_buckets``,
     ``patch_buckets``, ...).
@@ -484,7 +518,7 @@ def load_prm(path, dtype="float32", step: int | None = None, *, attn_impl: str =
         raise FileNotFoundError(f"no such PRM directory: {path!r}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is not a directory: expected a jaxprm workdir, an exported PRM or an "
-                                "HF Qwen2.5-VL directory")
+                                "HF Qwen2.5-VL or InternVL directory")
     model, tok, ip = load_prm_model(path, dtype=_resolve_dtype(dtype), step=step, attn_impl=attn_impl)
     return PRM(model, tok, ip, system_prompt=system_prompt, prompt_style=prompt_style, max_length=max_length,
                **scorer_kwargs)

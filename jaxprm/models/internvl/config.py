@@ -79,7 +79,9 @@ class InternVLConfig:
     projector_ln_eps: float = 1e-5  # nn.LayerNorm's default, both layouts
     tie_word_embeddings: bool = False
     template: str | None = None  # remote code's chat template name (e.g. "internvl2_5")
-    rope_scaling: dict | None = None  # {"type": "dynamic", "factor": 2.0}: plain RoPE up to max_position_embeddings
+    # {"type": "dynamic", "factor": 2.0}: plain RoPE up to max_position_embeddings (a dict: left out of the
+    # hash, which jit caches keyed by the model graph need)
+    rope_scaling: dict | None = dataclasses.field(default=None, hash=False)
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
 
