@@ -8,6 +8,8 @@ failure stopping everyone; SIGKILL of one host (the other exits promptly, a reru
 parameters) and SIGTERM on one host (every host saves, then stops); outputs written once.
 
 Every launch is bounded: on timeout the harness kills all its processes and fails with their logs.
+The checks on the shared 2-process run are marked slow (the run takes about a minute on 2 cores);
+the failed-import check is not (a few seconds).
 """
 from __future__ import annotations
 
@@ -301,6 +303,7 @@ def test_two_hosts_train_like_one_host_with_four_devices(base, records, tmp_path
         assert m_mh[k] == m_ref[k], k
 
 
+@pytest.mark.slow  # the shared 2-process run (`base`) takes about a minute
 def test_hosts_read_disjoint_slices_that_cover_each_epoch(base, records):
     per_epoch = N_TRAIN // BATCH
     shards = [_ids(base["ids"], "train", i) for i in range(HOSTS)]
@@ -317,6 +320,7 @@ def test_hosts_read_disjoint_slices_that_cover_each_epoch(base, records):
     assert sorted(ev[0] + ev[1]) == sorted(records["validation"]) and len(ev[0]) != len(ev[1])
 
 
+@pytest.mark.slow  # the shared 2-process run (`base`) takes about a minute
 def test_records_import_runs_once_on_process_0(base, records):
     from jaxprm.data.tfds_builder import read_metadata
 
@@ -351,9 +355,9 @@ def _step_dirs(workdir: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_sigkill_of_one_host_stops_the_other_and_a_rerun_resumes(base, records, tmp_path):
-    """SIGKILL process 1 mid-run: process 0 exits within seconds (not a hang on a collective) saying
-    it lost the other host; rerunning both resumes from the last complete checkpoint and ends with
-    the parameters of the uninterrupted run."""
+    """SIGKILL process 1 mid-run: process 0 exits within the heartbeat timeout (not a hang on a
+    collective) saying another process died; rerunning both resumes from the last complete
+    checkpoint and ends with the parameters of the uninterrupted run."""
     w = tmp_path / "w"
     args = train_args(records, **{"train.progress": False, "train.export": False})
     run = launch(w, args)
@@ -424,6 +428,7 @@ def _tb_scalars(events_dir: Path) -> collections.Counter:
     return counts
 
 
+@pytest.mark.slow  # the shared 2-process run (`base`) takes about a minute
 def test_events_progress_eval_and_export_are_written_once(base):
     w, logs = base["workdir"], base["logs"]
     events = list((w / "events").iterdir())
