@@ -29,12 +29,15 @@ def get_config(arg: str = ""):
         "image_size": (56, 56), "question_types": ("sum", "difference", "compare"),
         "error_rate": 0.5, "perception_error_share": 0.3})
     c.synth = ml_collections.ConfigDict({
-        "num_questions": 500, "rollouts_per_question": 2, "mc_continuations": 16,
+        "num_questions": 800, "rollouts_per_question": 2, "mc_continuations": 16,
         "policy_error_rate": 0.5, "malformed_rate": 0.05, "slip_rate": 0.05, "hard_fraction": 0.2,
         "judge_noise": 0.2, "judge_perception_noise": 0.4, "judge_miss_share": 0.5, "seed": 0})
-    # training runs: a label rule of jaxprm.data.labels, or an ablation of hybrid (see jaxprm.reproduce)
-    c.runs = ("mc", "judge", "hybrid", "vlprm_v2", "hybrid_no_perception", "hybrid_all_steps")
-    c.train = ml_collections.ConfigDict({"steps": 400, "batch_size": 8, "lr": 3e-3, "lm_loss_weight": 1.0})
+    # training runs: a label rule of jaxprm.data.labels, or an ablation of hybrid (see jaxprm.reproduce).
+    # "judge" is also the paper's released rule (VL-PRM300K's labels follow the judge's first error);
+    # "vlprm_v2" (the repository's consensus rule) can be added
+    c.runs = ("mc", "judge", "hybrid", "hybrid_no_perception", "hybrid_all_steps")
+    # the tiny default's budget: 600 steps of 8 (it learns to verify arithmetic between steps 400 and 600)
+    c.train = ml_collections.ConfigDict({"steps": 600, "batch_size": 8, "lr": 3e-3, "lm_loss_weight": 1.0})
     c.eval = ml_collections.ConfigDict({"num_puzzles": 200, "seed": 12345})
     c.search_run = "hybrid"  # the PRM whose test-time scaling is measured (per seed)
     c.search = ml_collections.ConfigDict({
