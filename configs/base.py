@@ -12,8 +12,12 @@ def get_config():
 
     c.model = ml_collections.ConfigDict()
     c.model.init = "hf"  # "hf": weights from model.hf_dir; "random": random init of model.preset
-    c.model.hf_dir = ""  # HF Qwen2.5-VL directory (config.json, safetensors, tokenizer, preprocessor_config.json)
-    c.model.preset = ""  # random init only: "tiny" (embedded task) or a name in qwen2_5_vl.presets.HF_CONFIGS
+    # HF Qwen2.5-VL or InternVL directory (config.json, safetensors, tokenizer, preprocessor_config.json); the
+    # backbone is what its config.json says
+    c.model.hf_dir = ""
+    # random init only: "tiny" (embedded task), "internvl-tiny", or a name in qwen2_5_vl.presets.HF_CONFIGS or
+    # internvl.presets.HF_CONFIGS
+    c.model.preset = ""
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "float32"  # master weights; "bfloat16" halves them (see optim.rounding)
     c.model.attn_impl = "auto"  # auto | xla | cudnn | splash
@@ -22,8 +26,9 @@ def get_config():
     c.model.head = "lm_rows"  # lm_rows ("+"/"-" rows of the lm head) | linear
     c.model.seed = 0
     # the prompt layout (jaxprm.data.prompt.PROMPT_STYLES): "vlprm" (VL-PRM's training layout and system
-    # prompt) | "visualprm" (VisualPRM's: image after "### Question:") | "chat"; saved in the PRM's prm.json
-    c.model.prompt_style = "vlprm"
+    # prompt) | "visualprm" (VisualPRM's: image after "### Question:") | "chat"; saved in the PRM's prm.json.
+    # "": the backbone's family's: "vlprm" on Qwen2.5-VL, "visualprm" on InternVL
+    c.model.prompt_style = ""
     c.model.system_prompt = ""  # "": the prompt style's system prompt
     # assistant turns of earlier steps in the training prompt: "placeholder" ("+" everywhere: the prompt
     # PRM.score uses) | "labels" (teacher-forced true labels; scores then differ from training)
@@ -54,6 +59,7 @@ def get_config():
     c.data.worker_count = 0
     c.data.min_pixels = 0  # 0: the image processor's own setting
     c.data.max_pixels = 0
+    c.data.max_tiles = 0  # InternVL: tiles per image (0: the checkpoint's max_dynamic_patch, 12 for the released)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-5

@@ -55,12 +55,15 @@ ITEMS = ("params", "opt_state", "data", "meta")  # the items of a checkpoint ste
 # ------------------------------------------------------------------------------------------------
 # assets: what turns arrays into a usable PRM
 # ------------------------------------------------------------------------------------------------
-def save_assets(directory: str, *, spec: PRMSpec, model_config: Qwen25VLConfig, tokenizer,
-                image_processor: ImageProcessor) -> None:
+def save_assets(directory: str, *, spec: PRMSpec, model_config, tokenizer, image_processor) -> None:
+    """Write what turns a checkpoint's arrays into a PRM: prm.json, config.json (HF Qwen2.5-VL, or
+    transformers' native InternVL for an ``InternVLConfig``), the image processor and the tokenizer."""
     os.makedirs(directory, exist_ok=True)
     spec.save(directory)
-    atomic_write_json(os.path.join(directory, "config.json"),
-                      {**model_config.to_hf_dict(), "architectures": ["Qwen2_5_VLForConditionalGeneration"]}, indent=2)
+    arch = "Qwen2_5_VLForConditionalGeneration" if isinstance(model_config, Qwen25VLConfig) else \
+        "InternVLForConditionalGeneration"
+    atomic_write_json(os.path.join(directory, "config.json"), {**model_config.to_hf_dict(), "architectures": [arch]},
+                      indent=2)
     image_processor.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
@@ -100,7 +103,7 @@ def _is_remote_code_dir(directory: str) -> bool:
     return "llm_config" in _config_dict(directory)
 
 
-def _internvl_image_processor(directory: str, config):
+def internvl_image_processor(directory: str, config):
     """preprocessor_config.json, else the remote-code config.json's tiling fields, else InternVL's defaults
     (1..12 tiles and a thumbnail) at the model's tile size; checked against the model."""
     from jaxprm.data.preprocess_internvl import InternVLImageProcessor
@@ -186,7 +189,7 @@ def load_assets(directory: str, *, jaxprm_dir: bool = False):
                 raise ValueError(f"{directory}: the tokenizer has no {INTERNVL_IMAGE_PAD} token; is it the "
                                  "checkpoint's own tokenizer?")
             config = dataclasses.replace(config, image_token_id=int(tid))
-        image_processor = _internvl_image_processor(directory, config)
+        image_processor = internvl_image_processor(directory, config)
     else:
         try:
             image_processor = _read_json_file(os.path.join(directory, "preprocessor_config.json"),

@@ -26,6 +26,7 @@ from jaxprm.dtypes import FLOAT_NAMES
 INITS = ("hf", "random")  # model.init: weights from model.hf_dir | random init of model.preset
 SOURCES = ("synthetic", "records", "tfds")  # data.source
 TINY_PRESET = "tiny"  # the embedded task's model (jaxprm.data.synthetic.tiny_model_config)
+TINY_INTERNVL_PRESET = "internvl-tiny"  # a tiny InternVL3-shaped model (jaxprm.data.synthetic.tiny_internvl_config)
 FLOAT_DTYPES = FLOAT_NAMES  # model.dtype, model.param_dtype
 STATE_DTYPES = ("float32", "bfloat16")  # optim.mu_dtype, train.grad_accum_dtype
 
@@ -62,11 +63,19 @@ class Problems:
 # ------------------------------------------------------------------------------------------------
 # python -m jaxprm.train
 # ------------------------------------------------------------------------------------------------
+def internvl_presets() -> tuple[str, ...]:
+    """The ``model.preset`` names of InternVL backbones: the tiny one and the released InternVL shapes."""
+    from jaxprm.models.internvl.presets import HF_CONFIGS
+
+    return (TINY_INTERNVL_PRESET, *HF_CONFIGS)
+
+
 def presets() -> tuple[str, ...]:
-    """Names ``model.preset`` accepts: the embedded task's model and the released Qwen2.5-VL shapes."""
+    """Names ``model.preset`` accepts: the embedded task's model, the released Qwen2.5-VL shapes and the
+    InternVL ones (``internvl_presets``)."""
     from jaxprm.models.qwen2_5_vl.presets import HF_CONFIGS
 
-    return (TINY_PRESET, *HF_CONFIGS)
+    return (TINY_PRESET, *HF_CONFIGS, *internvl_presets())
 
 
 def validate_train_config(c) -> None:
@@ -86,12 +95,13 @@ def validate_train_config(c) -> None:
     m, d, o, t = c.model, c.data, c.optim, c.train
     need(m.init in INITS, f"model.init must be one of {INITS}, got {m.init!r}")
     if m.init == "hf":
-        need(bool(m.hf_dir), "model.init='hf' needs --config.model.hf_dir=/path/to/Qwen2.5-VL (config.json + safetensors)")
+        need(bool(m.hf_dir), "model.init='hf' needs --config.model.hf_dir=/path/to/Qwen2.5-VL or InternVL "
+                             "(config.json + safetensors)")
         need(not m.hf_dir or os.path.isdir(m.hf_dir), f"model.hf_dir={m.hf_dir!r} is not a directory")
     else:
         names = presets()
         need(m.preset in names, f"model.init='random' needs model.preset in {'|'.join(names)}, got {m.preset!r}")
-        need(m.preset == TINY_PRESET or bool(m.hf_dir),
+        need(m.preset in (TINY_PRESET, TINY_INTERNVL_PRESET) or bool(m.hf_dir),
              "random init of a real-size preset needs model.hf_dir for its tokenizer")
     need(m.dtype in FLOAT_DTYPES, f"model.dtype must be one of {sorted(FLOAT_DTYPES)}, got {m.dtype!r}")
     need(m.param_dtype in FLOAT_DTYPES, f"model.param_dtype must be one of {sorted(FLOAT_DTYPES)}, got {m.param_dtype!r}")
@@ -99,7 +109,7 @@ def validate_train_config(c) -> None:
     need(m.remat in REMATS, f"model.remat must be one of {REMATS}, got {m.remat!r}")
     need(m.head in HEADS, f"model.head must be one of {HEADS}, got {m.head!r}")
     need(m.history in HISTORIES, f"model.history must be one of {HISTORIES}, got {m.history!r}")
-    p.choice("model.prompt_style", m.prompt_style, tuple(PROMPT_STYLES))
+    p.choice("model.prompt_style", m.prompt_style, ("", *PROMPT_STYLES))  # "": the backbone's
     need(d.source in SOURCES, f"data.source must be one of {SOURCES}, got {d.source!r}")
     if d.source == "records":
         need(bool(d.records), "data.source='records' needs --config.data.records=FILE_OR_DIR")
@@ -109,6 +119,7 @@ def validate_train_config(c) -> None:
     p.choice("data.label_rule", d.label_rule, ("", *LABEL_RULES))
     need(isinstance(d.allow_images_outside_root, bool),
          f"data.allow_images_outside_root must be True or False, got {d.allow_images_outside_root!r}")
+    need(int(d.get("max_tiles", 0)) >= 0, f"data.max_tiles must be >= 0 (0: the image processor's), got {d.get('max_tiles')}")
     need(0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     need(0 <= o.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")

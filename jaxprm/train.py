@@ -49,10 +49,66 @@ class TrainingError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 # set-up pieces
 # ------------------------------------------------------------------------------------------------
+def backbone_kind(c) -> str:
+    """``"internvl"`` or ``"qwen2_5_vl"``: the backbone the config trains. Random init: the preset's family
+    (``config.internvl_presets()``); HF weights: what ``model.hf_dir``'s config.json is (an InternVL one:
+    remote-code ``llm_config`` layout or ``model_type: internvl``)."""
+    if c.model.init == "random":
+        return "internvl" if c.model.preset in config.internvl_presets() else "qwen2_5_vl"
+    return "internvl" if ckpt.is_internvl_dir(c.model.hf_dir) else "qwen2_5_vl"
+
+
+def prompt_style(c) -> str:
+    """``model.prompt_style``, or when it is "" the backbone's family's: ``"visualprm"`` (VisualPRM's layout)
+    on InternVL, the default ``"vlprm"`` (VL-PRM's) on Qwen2.5-VL."""
+    from jaxprm.data.prompt import DEFAULT_PROMPT_STYLE
+
+    if c.model.prompt_style:
+        return c.model.prompt_style
+    return ckpt.INTERNVL_PROMPT_STYLE if backbone_kind(c) == "internvl" else DEFAULT_PROMPT_STYLE
+
+
+def _internvl_assets(c):
+    """(InternVLConfig, tokenizer, InternVLImageProcessor): the tiny preset (the embedded task's tokenizer
+    with InternVL's added tokens), a released shape (``model.preset``, tokenizer from ``model.hf_dir``) or
+    the checkpoint in ``model.hf_dir``."""
+    import dataclasses as dc
+
+    from jaxprm.data.preprocess_internvl import InternVLImageProcessor
+    from jaxprm.data.prompt import INTERNVL_IMAGE_PAD
+
+    if c.model.init == "random" and c.model.preset == config.TINY_INTERNVL_PRESET:
+        from jaxprm.data.synthetic import build_synthetic_internvl_tokenizer, tiny_internvl_config
+
+        tok = build_synthetic_internvl_tokenizer()
+        cfg = tiny_internvl_config(tok)
+        ip = InternVLImageProcessor(image_size=cfg.vision.image_size, max_tiles=6)
+    else:
+        from transformers import AutoTokenizer
+
+        from jaxprm.models.internvl import InternVLConfig
+        from jaxprm.models.internvl.presets import preset
+
+        tok = AutoTokenizer.from_pretrained(c.model.hf_dir)
+        cfg = InternVLConfig.from_pretrained(c.model.hf_dir) if c.model.init == "hf" else preset(c.model.preset)
+        if cfg.image_token_id is None:  # remote-code config.json: the id is the tokenizer's
+            tid = tok.convert_tokens_to_ids(INTERNVL_IMAGE_PAD)
+            if tid is None or tid == tok.unk_token_id:
+                raise config.ConfigError(f"model.hf_dir={c.model.hf_dir}: the tokenizer has no {INTERNVL_IMAGE_PAD} "
+                                         "token; is it the InternVL checkpoint's own tokenizer?")
+            cfg = dc.replace(cfg, image_token_id=int(tid))
+        ip = ckpt.internvl_image_processor(c.model.hf_dir, cfg)
+    if c.data.max_tiles:
+        ip = InternVLImageProcessor.from_config({**ip.to_config(), "max_tiles": int(c.data.max_tiles)})
+    return cfg, tok, ip
+
+
 def model_assets(c):
     """(model_config, tokenizer, image_processor) for the config."""
     from jaxprm.data.preprocess import ImageProcessor
 
+    if backbone_kind(c) == "internvl":
+        return _internvl_assets(c)
     if c.model.init == "random" and c.model.preset == config.TINY_PRESET:
         from jaxprm.data.synthetic import build_synthetic_tokenizer, tiny_model_config
 
@@ -283,7 +339,7 @@ def pipeline_config(c, *, train: bool, seed: int):
 
     d = c.data
     return PipelineConfig(
-        prompt_style=c.model.prompt_style, system_prompt=c.model.system_prompt or None,
+        prompt_style=prompt_style(c), system_prompt=c.model.system_prompt or None,
         batch_size=(c.train.batch_size if train else max(c.train.batch_size // c.train.grad_accum, 1)) // jax.process_count(),
         seq_buckets=tuple(d.seq_buckets), patch_buckets=tuple(d.patch_buckets), max_steps=d.max_steps,
         max_images=d.max_images, packing=d.packing, seed=seed, shuffle=train,
@@ -339,7 +395,6 @@ def train(c, *, step_hook=None) -> dict:
     """
     from jaxprm.data.pipeline import make_loader
     from jaxprm.models.prm import PRMModel
-    from jaxprm.models.qwen2_5_vl import Qwen25VL, from_pretrained
     from jaxprm.optim import make_optimizer
 
     validate_config(c)
@@ -347,7 +402,7 @@ def train(c, *, step_hook=None) -> dict:
     mesh = shd.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     model_cfg, tok, ip = model_assets(c)
     spec = dataclasses.replace(ckpt.default_spec(tok, head=c.model.head), system_prompt=c.model.system_prompt or None,
-                               prompt_style=c.model.prompt_style, history=c.model.history, task=synthetic_task(c) if c.data.source == "synthetic" else None)
+                               prompt_style=prompt_style(c), history=c.model.history, task=synthetic_task(c) if c.data.source == "synthetic" else None)
     if jax.process_index() == 0:
         ckpt.save_assets(os.path.join(c.workdir, ckpt.ASSETS), spec=spec, model_config=model_cfg, tokenizer=tok,
                          image_processor=ip)
@@ -357,10 +412,21 @@ def train(c, *, step_hook=None) -> dict:
     kw = dict(dtype=jnp.dtype(c.model.dtype), param_dtype=jnp.dtype(c.model.param_dtype),
               attn_impl=c.model.attn_impl, remat_policy=None if c.model.remat == "none" else c.model.remat)
 
+    if backbone_kind(c) == "internvl":
+        from jaxprm.models.internvl import InternVL as backbone_cls
+        from jaxprm.models.internvl import from_pretrained
+
+        hf_kw = dict(kw, image_token_id=model_cfg.image_token_id)  # remote-code layout: the tokenizer's id
+    else:
+        from jaxprm.models.qwen2_5_vl import Qwen25VL as backbone_cls
+        from jaxprm.models.qwen2_5_vl import from_pretrained
+
+        hf_kw = kw
+
     def build():
         if c.model.init == "hf":
-            return PRMModel(from_pretrained(c.model.hf_dir, **kw), spec)
-        return PRMModel(Qwen25VL(model_cfg, rngs=nnx.Rngs(c.model.seed), **kw), spec)
+            return PRMModel(from_pretrained(c.model.hf_dir, **hf_kw), spec)
+        return PRMModel(backbone_cls(model_cfg, rngs=nnx.Rngs(c.model.seed), **kw), spec)
 
     if c.model.init == "hf":  # read the checkpoint once, then place it
         model = build()

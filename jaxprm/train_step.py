@@ -26,8 +26,9 @@ BATCH_AXIS = {"position_ids": 1}
 
 
 def split_params(model, freeze_vision: bool):
-    """-> (graphdef, trainable, frozen) with the vision tower frozen if asked."""
-    frozen = nnx.PathContains("visual") if freeze_vision else nnx.Nothing
+    """-> (graphdef, trainable, frozen) with the vision tower (and its projector) frozen if asked:
+    ``visual`` on Qwen2.5-VL, ``vision`` on InternVL."""
+    frozen = nnx.Any(nnx.PathContains("visual"), nnx.PathContains("vision")) if freeze_vision else nnx.Nothing
     return nnx.split(model, nnx.All(nnx.Param, nnx.Not(frozen)), nnx.Param)
 
 

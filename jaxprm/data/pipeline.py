@@ -54,6 +54,23 @@ pixel_values, {k: batch[k] for k in LAYOUT_KEYS})`` runs the vision tower per ro
 scatters each row's image features onto that row's image tokens (``PRMModel.step_logits(batch)``).
 Every key has the batch on axis 0 except ``position_ids`` (axis 1).
 
+InternVL batches (``model_config`` an ``InternVLConfig``; ``image_processor`` an
+``InternVLImageProcessor``): the transform tiles each image (448 px tiles, the thumbnail), encodes the
+prompt style in InternVL's conversation template (``internvl_prompt_tokenizer``) with
+``<img><IMG_CONTEXT> x image_seq_length x tiles</img>`` per image, exactly as ``PRM.score`` does, and
+``patch_buckets`` count tiles per row (P = tiles; the Scorer's unit on this backbone). Keys as above
+except::
+
+    position_ids       (1, B, L)   int32   1D RoPE positions 0..n-1 of each example (restarting per packed
+                                           example); 0 on padding
+    pixel_values       (B, P, C, S, S)     the row's tiles in image order (examples in row order), zeros after
+    image_flags        (B, P)      int32   1 = a tile of the row, 0 = padding (never reaches the LM)
+    image_tiles        (B, I)      int32   tiles of each of the row's images, zero after
+    num_patches        (B,)        int32   real tiles in the row
+
+and no ``image_grid_thw`` or layout keys. ``InternVL.hidden_states`` takes the batch as it is
+(``PRMModel`` passes ``image_flags``).
+
 Buckets: every batch takes the smallest ``seq_buckets`` length L that holds its longest row and the
 smallest ``patch_buckets`` size P that holds its largest row's patches, so at most
 ``len(seq_buckets) * len(patch_buckets)`` shapes reach the device (``bucket_shapes``). Examples longer
@@ -108,7 +125,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxprm.data.prompt import DEFAULT_PROMPT_STYLE, POSITIVE_TOKEN, encode_prm_example, get_prompt_style
+from jaxprm.data.prompt import (DEFAULT_PROMPT_STYLE, INTERNVL_IMAGE_PAD, POSITIVE_TOKEN, encode_prm_example,
+                                get_prompt_style, internvl_prompt_tokenizer)
 from jaxprm.data.schema import RecordError
 from jaxprm.data.tfds_builder import DEFAULT_NAME, data_source as _tfds_data_source, example_to_record
 from jaxprm.dtypes import float_dtype
@@ -226,7 +244,10 @@ def bucket_shapes(cfg: PipelineConfig) -> list[tuple[int, int]]:
 
 
 def batch_spec(cfg: PipelineConfig, model_config, seq_len: int, num_patches: int) -> dict[str, tuple[tuple, Any]]:
-    """``{key: (shape, dtype)}`` of a batch in bucket (seq_len, num_patches) (for AOT compilation)."""
+    """``{key: (shape, dtype)}`` of a batch in bucket (seq_len, num_patches) (for AOT compilation);
+    InternVL: ``num_patches`` tiles (see "InternVL batches" in the module docstring)."""
+    if is_internvl(model_config):
+        return _tile_batch_spec(cfg, model_config, seq_len, num_patches)
     v = model_config.vision
     unit = v.spatial_merge_size**2
     b, s, i, k = cfg.batch_size, cfg.max_steps, cfg.max_images, cfg.examples_per_row
@@ -239,6 +260,32 @@ def batch_spec(cfg: PipelineConfig, model_config, seq_len: int, num_patches: int
         "window_index": ((b, p // unit), i32), "reverse_index": ((b, p // unit), i32),
         "window_segment_ids": ((b, p), i32), "full_segment_ids": ((b, p), i32),
         "rotary_positions": ((b, p, 2), i32), "image_grid_thw": ((b, i, 3), i32),
+        "num_images": ((b,), i32), "num_patches": ((b,), i32), "num_tokens": ((b,), i32),
+        "num_examples": ((b,), i32), "record_index": ((b, k), i32),
+    }
+
+
+def is_internvl(model_config) -> bool:
+    """Whether ``model_config`` is an InternVL one (tiles, 1D positions) rather than Qwen2.5-VL's."""
+    from jaxprm.models.internvl.config import InternVLConfig
+
+    return isinstance(model_config, InternVLConfig)
+
+
+def _tile_shape(model_config) -> tuple[int, int, int]:
+    v = model_config.vision
+    return int(v.num_channels), int(v.image_size), int(v.image_size)
+
+
+def _tile_batch_spec(cfg: PipelineConfig, model_config, seq_len: int, num_tiles: int) -> dict[str, tuple[tuple, Any]]:
+    b, s, i, k = cfg.batch_size, cfg.max_steps, cfg.max_images, cfg.examples_per_row
+    l, p = int(seq_len), int(num_tiles)
+    i32 = np.dtype(np.int32)
+    return {
+        "input_ids": ((b, l), i32), "segment_ids": ((b, l), i32), "position_ids": ((1, b, l), i32),
+        "label_positions": ((b, s), i32), "labels": ((b, s), i32), "label_segment_ids": ((b, s), i32),
+        "pixel_values": ((b, p, *_tile_shape(model_config)), float_dtype(cfg.pixel_dtype)),
+        "image_flags": ((b, p), i32), "image_tiles": ((b, i), i32),
         "num_images": ((b,), i32), "num_patches": ((b,), i32), "num_tokens": ((b,), i32),
         "num_examples": ((b,), i32), "record_index": ((b, k), i32),
     }
@@ -270,6 +317,14 @@ class ExampleTransform:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.cfg = cfg
+        self.internvl = is_internvl(model_config)
+        if self.internvl:  # tiles, InternVL's template, 1D positions (``_transform_internvl``)
+            self.tile_shape = _tile_shape(model_config)
+            self.image_token_id = int(model_config.image_token_id)
+            self.image_seq_length = int(model_config.image_seq_length)
+            self.max_patches = int(max(cfg.patch_buckets))  # tiles
+            self.max_length = cfg.effective_max_length
+            return
         v = model_config.vision
         self.merge = int(v.spatial_merge_size)
         self.patch_dim = int(v.patch_dim)
@@ -296,6 +351,8 @@ class ExampleTransform:
     def _transform(self, index: int, rid: str, raw: Any) -> dict:
         from jaxprm.models.qwen2_5_vl.rope import get_rope_index
 
+        if self.internvl:
+            return self._transform_internvl(index, rid, raw)
         cfg = self.cfg
         try:
             rec = example_to_record(raw)
@@ -350,6 +407,64 @@ class ExampleTransform:
             "steps_dropped": int(len(rec.steps) - len(steps) + enc.num_steps_dropped),
         }
 
+    def _transform_internvl(self, index: int, rid: str, raw: Any) -> dict:
+        """InternVL: 448 px tiles (``InternVLImageProcessor``), VisualPRM's prompt in InternVL's template with
+        ``<img><IMG_CONTEXT> x image_seq_length x tiles</img>`` per image, positions 0..L-1: what
+        ``PRM.score`` encodes for the record (``jaxprm.scoring.prm.PRM._encode``)."""
+        cfg = self.cfg
+        try:
+            rec = example_to_record(raw)
+        except (RecordError, TypeError, ValueError, KeyError) as e:
+            return _skip(index, rid, MALFORMED_RECORD, e)
+        rid = rec.id
+        if len(rec.images) > cfg.max_images:
+            return _skip(index, rid, TOO_MANY_IMAGES, f"{len(rec.images)} images > max_images={cfg.max_images}")
+        if rec.images:
+            try:
+                vis = self.image_processor(rec.images)
+            except (ValueError, TypeError, OSError) as e:
+                return _skip(index, rid, CORRUPT_IMAGE, e)
+            tiles = np.asarray(vis["pixel_values"], np.float32)
+            per_image = np.asarray(vis["num_patches"], np.int64).reshape(-1)
+        else:
+            tiles = np.zeros((0, *self.tile_shape), np.float32)
+            per_image = np.zeros((0,), np.int64)
+        if tuple(tiles.shape[1:]) != self.tile_shape:
+            return _skip(index, rid, CORRUPT_IMAGE, f"tiles of shape {tuple(tiles.shape[1:])} != model's {self.tile_shape}")
+        if tiles.shape[0] > self.max_patches:
+            return _skip(index, rid, TOO_MANY_PATCHES,
+                         f"{tiles.shape[0]} tiles > largest patch bucket {self.max_patches} (tiles on InternVL)")
+        steps = rec.steps[: cfg.max_steps]
+        try:
+            enc = encode_prm_example(
+                internvl_prompt_tokenizer(self.tokenizer), rec.question, [s.text for s in steps],
+                [s.label for s in steps], max_length=self.max_length, placeholder=cfg.placeholder,
+                mode=cfg.label_mode, system_prompt=cfg.system_prompt, style=cfg.prompt_style,
+                image_tokens=per_image * self.image_seq_length if len(per_image) else None,
+                image_pad=INTERNVL_IMAGE_PAD,
+            )
+        except ImportError:
+            raise
+        except ValueError as e:
+            kind = PROMPT_TOO_LONG if "max_length=" in str(e) else BAD_PROMPT
+            return _skip(index, rid, kind, e)
+        ids = np.asarray(enc.input_ids, np.int32)
+        return {
+            "record_index": index,
+            "id": rid,
+            "input_ids": ids,
+            "position_ids": np.arange(len(ids), dtype=np.int32)[None],  # 1D RoPE, from 0 in every example
+            "label_positions": np.asarray(enc.label_positions, np.int32),
+            "labels": np.asarray(enc.labels, np.int32),
+            "pixel_values": tiles,
+            "image_tiles": per_image.astype(np.int32),
+            "steps_dropped": int(len(rec.steps) - len(steps) + enc.num_steps_dropped),
+        }
+
+
+def _num_images(ex: dict) -> int:
+    return len(ex["image_grid_thw"] if "image_grid_thw" in ex else ex["image_tiles"])
+
 
 # ------------------------------------------------------------------------------------------------
 # Rows, buckets, batch assembly
@@ -366,7 +481,7 @@ class _Row:
             and self.tokens + len(ex["input_ids"]) <= max_len
             and self.patches + len(ex["pixel_values"]) <= max_patches
             and self.steps + len(ex["labels"]) <= cfg.max_steps
-            and self.images + len(ex["image_grid_thw"]) <= cfg.max_images
+            and self.images + _num_images(ex) <= cfg.max_images
         )
 
     def add(self, ex: dict) -> None:
@@ -374,7 +489,7 @@ class _Row:
         self.tokens += len(ex["input_ids"])
         self.patches += len(ex["pixel_values"])
         self.steps += len(ex["labels"])
-        self.images += len(ex["image_grid_thw"])
+        self.images += _num_images(ex)
 
 
 def _smallest(buckets: Sequence[int], need: int) -> int:
@@ -445,6 +560,61 @@ class BatchAssembler:
             out["num_images"][r] = len(g)
             row_grids.append(g)
         out.update(self.layouts.batch(row_grids, p))
+        return out
+
+
+class TileBatchAssembler:
+    """InternVL: rows of examples -> one fixed-shape batch of tiles (see "InternVL batches")."""
+
+    def __init__(self, cfg: PipelineConfig, model_config, pad_token_id: int):
+        self.cfg = cfg
+        self.tile_shape = _tile_shape(model_config)
+        self.pad_token_id = int(pad_token_id)
+        self.pixel_dtype = float_dtype(cfg.pixel_dtype)
+
+    def __call__(self, rows: list[_Row]) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        b, s, i, k = cfg.batch_size, cfg.max_steps, cfg.max_images, cfg.examples_per_row
+        l = _smallest(cfg.seq_buckets, max(r.tokens for r in rows))
+        p = _smallest(cfg.patch_buckets, max(r.patches for r in rows))
+        out = {
+            "input_ids": np.full((b, l), self.pad_token_id, np.int32),
+            "segment_ids": np.zeros((b, l), np.int32),
+            "position_ids": np.zeros((1, b, l), np.int32),
+            "label_positions": np.zeros((b, s), np.int32),
+            "labels": np.full((b, s), -1, np.int32),
+            "label_segment_ids": np.zeros((b, s), np.int32),
+            "pixel_values": np.zeros((b, p, *self.tile_shape), self.pixel_dtype),
+            "image_flags": np.zeros((b, p), np.int32),
+            "image_tiles": np.zeros((b, i), np.int32),
+            "num_images": np.zeros((b,), np.int32),
+            "num_patches": np.zeros((b,), np.int32),
+            "num_tokens": np.zeros((b,), np.int32),
+            "num_examples": np.zeros((b,), np.int32),
+            "record_index": np.full((b, k), -1, np.int32),
+        }
+        for r, row in enumerate(rows[:b]):
+            off = poff = soff = ioff = 0
+            for j, ex in enumerate(row.examples):
+                n = len(ex["input_ids"])
+                out["input_ids"][r, off:off + n] = ex["input_ids"]
+                out["segment_ids"][r, off:off + n] = j + 1
+                out["position_ids"][:, r, off:off + n] = ex["position_ids"]
+                m = len(ex["labels"])
+                out["label_positions"][r, soff:soff + m] = ex["label_positions"] + off
+                out["labels"][r, soff:soff + m] = ex["labels"]
+                out["label_segment_ids"][r, soff:soff + m] = j + 1
+                nt = len(ex["pixel_values"])
+                out["pixel_values"][r, poff:poff + nt] = ex["pixel_values"]
+                out["image_flags"][r, poff:poff + nt] = 1
+                ni = len(ex["image_tiles"])
+                out["image_tiles"][r, ioff:ioff + ni] = ex["image_tiles"]
+                out["record_index"][r, j] = ex["record_index"]
+                off, poff, soff, ioff = off + n, poff + nt, soff + m, ioff + ni
+            out["num_tokens"][r] = off
+            out["num_patches"][r] = poff
+            out["num_images"][r] = ioff
+            out["num_examples"][r] = len(row.examples)
         return out
 
 
@@ -731,6 +901,14 @@ def _ensure_absl_flags_parsed() -> None:
 
 
 def _check_processor(image_processor, model_config) -> None:
+    if is_internvl(model_config):
+        from jaxprm.data.preprocess_internvl import InternVLImageProcessor
+
+        size = int(model_config.vision.image_size)
+        if not isinstance(image_processor, InternVLImageProcessor) or int(image_processor.image_size) != size:
+            raise ValueError(f"an InternVL model needs an InternVLImageProcessor with image_size={size} "
+                             f"(its tiles), got {image_processor!r}")
+        return
     v = model_config.vision
     for ours, theirs in (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
                          ("temporal_patch_size", "temporal_patch_size")):
@@ -755,11 +933,14 @@ def make_loader(
     data: a TFDS data_dir (holding ``{name}/{version}``), the dataset's version directory, a
       ``BuildResult`` from ``build_dataset``, or any random-access source (``len``, ``[i]``) returning
       the TFDS feature dicts (e.g. ``tfds.data_source(...)``).
-    image_processor: ``jaxprm.data.preprocess.ImageProcessor`` (patch/merge sizes must match the model).
-    model_config: ``Qwen25VLConfig`` (image/video token ids, merge, window and patch sizes).
+    image_processor: ``jaxprm.data.preprocess.ImageProcessor`` (patch/merge sizes must match the model), or
+      an ``InternVLImageProcessor`` (tile size must match) for an InternVL model.
+    model_config: ``Qwen25VLConfig`` (image/video token ids, merge, window and patch sizes) or
+      ``InternVLConfig`` (tiles, 1D positions: "InternVL batches" in the module docstring).
     """
     cfg = cfg or PipelineConfig()
-    merge = int(model_config.vision.spatial_merge_size)
+    internvl = is_internvl(model_config)
+    merge = 1 if internvl else int(model_config.vision.spatial_merge_size)  # InternVL: patch_buckets count tiles
     cfg.validate(merge)
     _check_processor(image_processor, model_config)
     if isinstance(data, (str, os.PathLike)):
@@ -783,7 +964,8 @@ def make_loader(
     ds = ds.map(ExampleTransform(source, tokenizer, image_processor, model_config, cfg))
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(cfg.num_threads),
                                                  prefetch_buffer_size=int(cfg.prefetch_buffer_size)))
-    it_ds = BatchIterDataset(it_ds, cfg, BatchAssembler(cfg, model_config, pad_id))
+    assembler = (TileBatchAssembler if internvl else BatchAssembler)(cfg, model_config, pad_id)
+    it_ds = BatchIterDataset(it_ds, cfg, assembler)
     if cfg.worker_count > 0:
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg.worker_count),
@@ -807,7 +989,8 @@ def pad_batch(batch: dict[str, np.ndarray], seq_len: int | None = None, num_patc
     num_patches = p if num_patches is None else int(num_patches)
     if seq_len < l or num_patches < p:
         raise ValueError(f"cannot shrink a batch from (L={l}, P={p}) to (L={seq_len}, P={num_patches})")
-    unit = merge_size**2
+    tiles = "image_flags" in batch  # InternVL: num_patches counts tiles
+    unit = 1 if tiles else merge_size**2
     if num_patches % unit:
         raise ValueError(f"num_patches must be a multiple of {unit}")
     if seq_len > l:
@@ -817,7 +1000,11 @@ def pad_batch(batch: dict[str, np.ndarray], seq_len: int | None = None, num_patc
         out["input_ids"] = np.pad(batch["input_ids"], ((0, 0), (0, dl)), constant_values=pad_val)
         out["segment_ids"] = np.pad(batch["segment_ids"], ((0, 0), (0, dl)))
         out["position_ids"] = np.pad(batch["position_ids"], ((0, 0), (0, 0), (0, dl)))
-    if num_patches > p:
+    if num_patches > p and tiles:
+        pv = batch["pixel_values"]
+        out["pixel_values"] = np.pad(pv, ((0, 0), (0, num_patches - p)) + ((0, 0),) * (pv.ndim - 2))
+        out["image_flags"] = np.pad(batch["image_flags"], ((0, 0), (0, num_patches - p)))
+    elif num_patches > p:
         out["pixel_values"] = np.pad(batch["pixel_values"], ((0, 0), (0, num_patches - p), (0, 0)))
         out.update(pad_layout(batch, num_patches, merge_size))
     return out

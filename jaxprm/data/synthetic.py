@@ -863,6 +863,36 @@ def build_synthetic_tokenizer(vocab_size: int = 1024, seed: int = 0, n: int = 20
     return build_tokenizer(tokenizer_corpus(seed, n), vocab_size)
 
 
+@functools.lru_cache(maxsize=8)
+def build_synthetic_internvl_tokenizer(vocab_size: int = 1024, seed: int = 0, n: int = 200):
+    """``build_synthetic_tokenizer`` with InternVL's added tokens (``<img>``, ``</img>``,
+    ``<IMG_CONTEXT>``, ...) after Qwen's, as InternVL3's tokenizer has them: the tokenizer of the tiny
+    InternVL preset (cached per arguments; treat it as read-only)."""
+    from .tokenizer import build_internvl_tokenizer
+
+    return build_internvl_tokenizer(tokenizer_corpus(seed, n), vocab_size)
+
+
+def tiny_internvl_config(tokenizer=None):
+    """A tiny InternVL3-shaped config (InternViT + pixel shuffle + MLP projector + Qwen2 language model;
+    56 px tiles of 4x4 patches -> 4 ``<IMG_CONTEXT>`` tokens per tile) whose vocabulary and
+    ``<IMG_CONTEXT>`` id match ``tokenizer`` (default: ``build_synthetic_internvl_tokenizer()``)."""
+    from ..models.internvl.config import IMG_CONTEXT, InternVLConfig, VisionConfig, _text_config
+
+    tok = tokenizer if tokenizer is not None else build_synthetic_internvl_tokenizer()
+    image_token_id = tok.convert_tokens_to_ids(IMG_CONTEXT)
+    if image_token_id is None or image_token_id == tok.unk_token_id:
+        raise ValueError(f"the tokenizer has no {IMG_CONTEXT} token: build it with build_synthetic_internvl_tokenizer")
+    vocab = -(-max(len(tok), int(image_token_id) + 1) // 64) * 64
+    vision = VisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=56, patch_size=14)
+    text = _text_config(dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+                             max_position_embeddings=4096), attention_bias=True)
+    return InternVLConfig(vision=vision, text=text, llm_arch="qwen2", image_token_id=int(image_token_id),
+                          tie_word_embeddings=False)
+
+
 def tiny_model_config(tokenizer=None):
     """A tiny Qwen2.5-VL-shaped config whose vocabulary and special-token ids match ``tokenizer``
     (default: ``build_synthetic_tokenizer()``)."""
