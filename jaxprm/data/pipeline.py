@@ -348,24 +348,47 @@ class ExampleTransform:
         except Exception as e:  # noqa: BLE001 - never let a record crash a worker
             return _skip(index, rid, UNEXPECTED_ERROR, f"{type(e).__name__}: {e}")
 
+    def _record(self, index: int, rid: str, raw: Any):
+        """``(record, image-processor output or None)``, or ``(skip entry, None)``."""
+        try:
+            rec = example_to_record(raw)
+        except (RecordError, TypeError, ValueError, KeyError) as e:
+            return _skip(index, rid, MALFORMED_RECORD, e), None
+        if len(rec.images) > self.cfg.max_images:
+            return _skip(index, rec.id, TOO_MANY_IMAGES,
+                         f"{len(rec.images)} images > max_images={self.cfg.max_images}"), None
+        if not rec.images:
+            return rec, None
+        try:
+            return rec, self.image_processor(rec.images)
+        except (ValueError, TypeError, OSError) as e:
+            return _skip(index, rec.id, CORRUPT_IMAGE, e), None
+
+    def _encode(self, index: int, rec, tokenizer, **kw):
+        """``(steps kept, PromptEncoding)`` of the record's prompt, or ``(skip entry, None)``."""
+        cfg = self.cfg
+        steps = rec.steps[: cfg.max_steps]
+        try:
+            return steps, encode_prm_example(
+                tokenizer, rec.question, [s.text for s in steps], [s.label for s in steps],
+                max_length=self.max_length, placeholder=cfg.placeholder, mode=cfg.label_mode,
+                system_prompt=cfg.system_prompt, style=cfg.prompt_style, **kw)
+        except ImportError:
+            raise
+        except ValueError as e:
+            kind = PROMPT_TOO_LONG if "max_length=" in str(e) else BAD_PROMPT
+            return _skip(index, rec.id, kind, e), None
+
     def _transform(self, index: int, rid: str, raw: Any) -> dict:
         from jaxprm.models.qwen2_5_vl.rope import get_rope_index
 
         if self.internvl:
             return self._transform_internvl(index, rid, raw)
-        cfg = self.cfg
-        try:
-            rec = example_to_record(raw)
-        except (RecordError, TypeError, ValueError, KeyError) as e:
-            return _skip(index, rid, MALFORMED_RECORD, e)
+        rec, vis = self._record(index, rid, raw)
+        if vis is None and isinstance(rec, dict):
+            return rec
         rid = rec.id
-        if len(rec.images) > cfg.max_images:
-            return _skip(index, rid, TOO_MANY_IMAGES, f"{len(rec.images)} images > max_images={cfg.max_images}")
-        if rec.images:
-            try:
-                vis = self.image_processor(rec.images)
-            except (ValueError, TypeError, OSError) as e:
-                return _skip(index, rid, CORRUPT_IMAGE, e)
+        if vis is not None:
             pixel_values = np.asarray(vis["pixel_values"], np.float32)
             grids = np.asarray(vis["image_grid_thw"], np.int64).reshape(-1, 3)
         else:
@@ -376,19 +399,10 @@ class ExampleTransform:
         if pixel_values.shape[0] > self.max_patches:
             return _skip(index, rid, TOO_MANY_PATCHES,
                          f"{pixel_values.shape[0]} patches > largest patch bucket {self.max_patches}")
-        steps = rec.steps[: cfg.max_steps]
-        try:
-            enc = encode_prm_example(
-                self.tokenizer, rec.question, [s.text for s in steps], [s.label for s in steps],
-                grids if len(grids) else None, merge_size=self.merge, max_length=self.max_length,
-                placeholder=cfg.placeholder, mode=cfg.label_mode, system_prompt=cfg.system_prompt,
-                style=cfg.prompt_style,
-            )
-        except ImportError:
-            raise
-        except ValueError as e:
-            kind = PROMPT_TOO_LONG if "max_length=" in str(e) else BAD_PROMPT
-            return _skip(index, rid, kind, e)
+        steps, enc = self._encode(index, rec, self.tokenizer, image_grid_thw=grids if len(grids) else None,
+                                  merge_size=self.merge)
+        if enc is None:
+            return steps
         ids = np.asarray(enc.input_ids, np.int32)
         pos, _ = get_rope_index(
             ids[None], image_token_id=self.image_token_id, video_token_id=self.video_token_id,
@@ -411,19 +425,11 @@ class ExampleTransform:
         """InternVL: 448 px tiles (``InternVLImageProcessor``), VisualPRM's prompt in InternVL's template with
         ``<img><IMG_CONTEXT> x image_seq_length x tiles</img>`` per image, positions 0..L-1: what
         ``PRM.score`` encodes for the record (``jaxprm.scoring.prm.PRM._encode``)."""
-        cfg = self.cfg
-        try:
-            rec = example_to_record(raw)
-        except (RecordError, TypeError, ValueError, KeyError) as e:
-            return _skip(index, rid, MALFORMED_RECORD, e)
+        rec, vis = self._record(index, rid, raw)
+        if vis is None and isinstance(rec, dict):
+            return rec
         rid = rec.id
-        if len(rec.images) > cfg.max_images:
-            return _skip(index, rid, TOO_MANY_IMAGES, f"{len(rec.images)} images > max_images={cfg.max_images}")
-        if rec.images:
-            try:
-                vis = self.image_processor(rec.images)
-            except (ValueError, TypeError, OSError) as e:
-                return _skip(index, rid, CORRUPT_IMAGE, e)
+        if vis is not None:
             tiles = np.asarray(vis["pixel_values"], np.float32)
             per_image = np.asarray(vis["num_patches"], np.int64).reshape(-1)
         else:
@@ -434,20 +440,11 @@ class ExampleTransform:
         if tiles.shape[0] > self.max_patches:
             return _skip(index, rid, TOO_MANY_PATCHES,
                          f"{tiles.shape[0]} tiles > largest patch bucket {self.max_patches} (tiles on InternVL)")
-        steps = rec.steps[: cfg.max_steps]
-        try:
-            enc = encode_prm_example(
-                internvl_prompt_tokenizer(self.tokenizer), rec.question, [s.text for s in steps],
-                [s.label for s in steps], max_length=self.max_length, placeholder=cfg.placeholder,
-                mode=cfg.label_mode, system_prompt=cfg.system_prompt, style=cfg.prompt_style,
-                image_tokens=per_image * self.image_seq_length if len(per_image) else None,
-                image_pad=INTERNVL_IMAGE_PAD,
-            )
-        except ImportError:
-            raise
-        except ValueError as e:
-            kind = PROMPT_TOO_LONG if "max_length=" in str(e) else BAD_PROMPT
-            return _skip(index, rid, kind, e)
+        steps, enc = self._encode(index, rec, internvl_prompt_tokenizer(self.tokenizer),
+                                  image_tokens=per_image * self.image_seq_length if len(per_image) else None,
+                                  image_pad=INTERNVL_IMAGE_PAD)
+        if enc is None:
+            return steps
         ids = np.asarray(enc.input_ids, np.int32)
         return {
             "record_index": index,
