@@ -65,7 +65,7 @@ def test_smoke_run_report(smoke):
         for kind in ("all", "perception", "reasoning"):
             assert 0.0 <= res["f1"][run][kind]["mean"] <= 1.0
     assert [c["claim"] for c in res["claims"]][:2] == [
-        "hybrid labels train a better PRM than mc-only labels", "supervising perception steps helps on perception steps"]
+        "hybrid labels train a better PRM than mc-only labels", "supervising perception steps helps on perception errors"]
     assert all(c["verdict"] for c in res["claims"])
     # the oracle bounds every method from above and the worst pick from below, at every N
     s = res["search"]
