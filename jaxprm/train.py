@@ -504,6 +504,7 @@ def train(c, *, step_hook=None) -> dict:
         log.info("step %d eval %s", step, fmt(ev))
 
     step = start
+    stopped_by = 0  # the signal all hosts agreed to stop on (0: not stopped)
     with _Stop() as stop:
         while True:
             # the data position before this step's batch: what a stop before the step saves
@@ -514,18 +515,22 @@ def train(c, *, step_hook=None) -> dict:
                     batch = next(train_iter)
                 except StopIteration:
                     pass
-            # one exchange between the hosts: the batch shape, a signal on any host, data left on all
-            batch, sig, exhausted = _agree(batch, stop.signum if stop.requested else 0)
-            if sig and not stop.requested:
+            # one exchange between the hosts: the batch shape, a signal on any host, data left on all.
+            # Every host acts on the agreed signal only: a signal that lands during the exchange is
+            # sent at the next one (acting on it at once would leave the other hosts in the next step)
+            mine = stop.signum if stop.requested else 0
+            batch, sig, exhausted = _agree(batch, mine)
+            if sig and not mine:
                 log.warning("another process received %s: saving and stopping with it", signal.Signals(sig).name)
-                stop.requested, stop.signum = True, sig
-            if stop.requested or batch is None:
-                if step < total_steps and batch is None and not stop.requested:
+            if sig:
+                stopped_by = sig
+            if sig or batch is None:
+                if step < total_steps and batch is None and not sig:
                     log.info("data exhausted after %d steps%s", step,
                              f" (on {exhausted} of {jax.process_count()} processes)" if jax.process_count() > 1 else "")
                 if step > start and mngr.latest_step() != step:
                     save(step, force=True, data=before)
-                if stop.requested:
+                if sig:
                     mngr.wait_until_finished()
                     log.warning("stopped at step %d; rerun the same command to resume", step)
                 break
@@ -550,9 +555,9 @@ def train(c, *, step_hook=None) -> dict:
     mngr.close()
     final["step"] = step
     final["skipped_records"] = int(getattr(getattr(train_iter, "stats", None), "skipped", 0) or 0)
-    final["stopped"] = stop.requested
-    if stop.requested:
-        final["signal"] = stop.signum
+    final["stopped"] = bool(stopped_by)
+    if stopped_by:
+        final["signal"] = stopped_by
     if step == 0:
         metrics_log.close()
         raise TrainingError(
