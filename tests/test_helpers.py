@@ -193,7 +193,8 @@ def test_layout_keys_are_defined_once():
     from jaxprm.models.qwen2_5_vl import model, rope
     from jaxprm.scoring import device
 
-    assert pipeline.LAYOUT_KEYS is model.LAYOUT_KEYS is prm.LAYOUT_KEYS is device.LAYOUT_KEYS is rope.LAYOUT_KEYS
+    assert pipeline.LAYOUT_KEYS is model.LAYOUT_KEYS is prm.LAYOUT_KEYS is rope.LAYOUT_KEYS
+    assert getattr(device, "LAYOUT_KEYS", rope.LAYOUT_KEYS) is rope.LAYOUT_KEYS  # the scorer goes through PRMModel
     assert tuple(rope.VisionLayout.__dataclass_fields__)[:5] == rope.LAYOUT_KEYS
 
 
