@@ -563,7 +563,7 @@ def train(c, *, step_hook=None) -> dict:
         raise TrainingError(
             f"trained 0 steps: the training split of {data_dir} gave no batch of {c.train.batch_size} rows "
             f"({n_train} records, {final['skipped_records']} skipped; see the log). Nothing was exported.")
-    if not stop.requested:
+    if not stopped_by:
         # the checkpoint (above) and the export come first; the final evaluation is optional
         if c.train.export:
             _export(graphdef, state, tok, ip, export_dir)
