@@ -154,6 +154,18 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
 # -- the processor ---------------------------------------------------------------------------------------
 
 
+def as_image_list(images) -> list:
+    """One image (PIL, encoded bytes, a path, an array) or a sequence of them -> a non-empty list."""
+    if isinstance(images, (Image.Image, bytes, bytearray, str, os.PathLike)) or (
+        isinstance(images, np.ndarray) and images.ndim in (2, 3) and images.dtype != object
+    ):
+        images = [images]
+    images = list(images)
+    if not images:
+        raise ValueError("no images given")
+    return images
+
+
 class ImageProcessor:
     """numpy/Pillow twin of transformers' ``Qwen2VLImageProcessorPil``.
 
@@ -308,13 +320,7 @@ class ImageProcessor:
         return patches, np.array([1, gh, gw], dtype=np.int64)
 
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> dict[str, np.ndarray]:
-        if isinstance(images, (Image.Image, bytes, bytearray, str, os.PathLike)) or (
-            isinstance(images, np.ndarray) and images.ndim in (2, 3) and images.dtype != object
-        ):
-            images = [images]
-        images = list(images)
-        if not images:
-            raise ValueError("no images given")
+        images = as_image_list(images)
         patches, grids = [], []
         for i, im in enumerate(images):
             try:

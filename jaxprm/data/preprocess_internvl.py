@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from jaxprm.atomic import atomic_write_json
-from jaxprm.data.preprocess import ImageLike, to_rgb_array
+from jaxprm.data.preprocess import ImageLike, as_image_list, to_rgb_array
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -187,13 +187,7 @@ class InternVLImageProcessor:
         return np.stack([self.normalize(t) for t in tiles])
 
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> dict[str, np.ndarray]:
-        if isinstance(images, (Image.Image, bytes, bytearray, str, os.PathLike)) or (
-            isinstance(images, np.ndarray) and images.ndim in (2, 3) and images.dtype != object
-        ):
-            images = [images]
-        images = list(images)
-        if not images:
-            raise ValueError("no images given")
+        images = as_image_list(images)
         out = []
         for i, im in enumerate(images):
             try:
