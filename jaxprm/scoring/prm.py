@@ -47,6 +47,15 @@ def _is_single_image(x) -> bool:
         hasattr(x, "numpy") and callable(getattr(x, "numpy")))
 
 
+def _check_step_lists(steps, candidates) -> tuple[list, list]:
+    """``(steps, candidates)`` of an incremental-scoring call as lists; ``TypeError`` unless both are
+    lists of step strings (a single string is refused)."""
+    for name, v in (("steps", steps), ("candidates", candidates)):
+        if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
+            raise TypeError(f"{name} must be a list of step strings, got {type(v).__name__}")
+    return list(steps), list(candidates)
+
+
 def _check_question_steps(question, steps, where: str = "") -> list[str]:
     pre = f"{where}: " if where else ""
     if not isinstance(question, str):
@@ -353,10 +362,7 @@ class IncrementalScorer:
     def score_next(self, steps: Sequence[str], candidates: Sequence[str]) -> list[np.ndarray]:
         """Per-step P(correct) of ``steps + [c]`` for every candidate step ``c`` (float32 arrays of
         ``len(steps) + 1`` scores), reusing the cache (see the class docstring)."""
-        for name, v in (("steps", steps), ("candidates", candidates)):
-            if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
-                raise TypeError(f"{name} must be a list of step strings, got {type(v).__name__}")
-        steps, cands = list(steps), list(candidates)
+        steps, cands = _check_step_lists(steps, candidates)
         if not cands:
             return []
         lists = [_check_question_steps(self.question, steps + [c], f"candidates[{i}]") for i, c in enumerate(cands)]

@@ -233,10 +233,9 @@ class RemoteIncrementalScorer:
         self.cached_tokens = 0
 
     def score_next(self, steps: Sequence[str], candidates: Sequence[str]) -> list[np.ndarray]:
-        for name, v in (("steps", steps), ("candidates", candidates)):
-            if isinstance(v, (str, bytes)) or not isinstance(v, Sequence):
-                raise TypeError(f"{name} must be a list of step strings, got {type(v).__name__}")
-        steps, cands = list(steps), list(candidates)
+        from jaxprm.scoring.prm import _check_step_lists  # lazily, like _steps: the client needs no JAX to import
+
+        steps, cands = _check_step_lists(steps, candidates)
         if not cands:
             return []
         for i, c in enumerate(cands):
