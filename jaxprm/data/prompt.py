@@ -86,11 +86,14 @@ and each image is ``<img><IMG_CONTEXT>...</img>`` with ``256 x tiles`` context t
 from __future__ import annotations
 
 import dataclasses
+import re
+import threading
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
 
-from jaxprm.data.tokenizer import INTERNVL_ADDED_TOKENS, QWEN_SPECIAL_TOKENS
+from jaxprm.data.tokenizer import INTERNVL_ADDED_TOKENS, QWEN_SPECIAL_TOKENS, QWEN_VL_CHAT_TEMPLATE
 from jaxprm.models.spec import DEFAULT_PROMPT_STYLE, LEGACY_PROMPT_STYLE  # noqa: F401  (the spec's names)
 
 # VL-PRM's training system prompt (vlprm: train/qwen_trainer/qwenvl/data/prompts.py). Kept verbatim: the
@@ -393,7 +396,193 @@ def internvl_prompt_tokenizer(tokenizer) -> TemplatedTokenizer:
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
+    spec = _chatml_spec(tokenizer)
+    if spec is not None:
+        out = _render_chatml(messages, spec, add_generation_prompt)
+        if out is not None:
+            return out[0]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host speed (scoring and the training pipeline encode a prompt per example; issue 19)
+#
+# 1. The chat templates jaxprm renders with (Qwen2-VL's ``QWEN_VL_CHAT_TEMPLATE``, InternVL's
+#    ``INTERNVL_CHAT_TEMPLATE``) are ChatML that writes every text part verbatim; for a tokenizer whose
+#    ``apply_chat_template`` is transformers' own and whose template is exactly one of them, the text is
+#    written here without jinja (``_render_chatml``), with each assistant turn's content start and end
+#    found while writing (no second, marked render). Any other template (or one rendered with extra
+#    options) goes through ``apply_chat_template``. tests/data/test_prompt_fast.py compares the two.
+# 2. A fast tokenizer splits its input at its added tokens before anything else (normalizer,
+#    pre-tokenizer, model run on the text between them), so the text is split here at the special tokens
+#    that can be split exactly (``_SegmentTokenizer``) and the pieces between them are tokenized once and
+#    memoised per tokenizer: the system prompt, the question turn and the short turn glue are tokenized
+#    once per problem, not once per candidate. The first call of each is checked against tokenizing the
+#    whole text; a mismatch turns it off for that tokenizer.
+# ------------------------------------------------------------------------------------------------
+_CHATML_IMAGE = {QWEN_VL_CHAT_TEMPLATE: ("<|vision_start|><|image_pad|><|vision_end|>", "You are a helpful assistant."),
+                 INTERNVL_CHAT_TEMPLATE: ("<img><IMG_CONTEXT></img>", None)}
+
+
+def _hf_apply_chat_template():
+    try:
+        from transformers import PreTrainedTokenizerBase
+    except Exception:  # noqa: BLE001 - transformers missing: no fast path
+        return None
+    return PreTrainedTokenizerBase.apply_chat_template
+
+
+def _chatml_spec(tokenizer) -> tuple[str, str | None] | None:
+    """(image string, default system turn) when ``tokenizer.apply_chat_template`` is transformers' own
+    rendering one of the known ChatML templates (``_CHATML_IMAGE``); None otherwise."""
+    base = tokenizer.tokenizer if isinstance(tokenizer, TemplatedTokenizer) else tokenizer
+    template = tokenizer.chat_template if isinstance(tokenizer, TemplatedTokenizer) else getattr(base, "chat_template",
+                                                                                                  None)
+    if not isinstance(template, str) or template not in _CHATML_IMAGE:
+        return None
+    hf = _hf_apply_chat_template()
+    if hf is None or getattr(type(base), "apply_chat_template", None) is not hf:
+        return None
+    return _CHATML_IMAGE[template]
+
+
+def _render_chatml(messages, spec, add_generation_prompt: bool = False):
+    """(text, [content start char of each message], [end char of each message]) as the ChatML template of
+    ``spec`` renders ``messages`` (role/content dicts, content a string or a list of ``{"type": "image"}`` /
+    ``{"type": "text", "text": str}`` parts); None for anything else (the caller renders with jinja)."""
+    image, default_system = spec
+    parts, starts, ends, n = [], [], [], 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) != {"role", "content"} or not isinstance(m["role"], str):
+            return None
+        role, content = m["role"], m["content"]
+        if i == 0 and role != "system" and default_system is not None:
+            s = f"<|im_start|>system\n{default_system}<|im_end|>\n"
+            parts.append(s)
+            n += len(s)
+        head = f"<|im_start|>{role}\n"
+        parts.append(head)
+        n += len(head)
+        starts.append(n)
+        if isinstance(content, str):
+            parts.append(content)
+            n += len(content)
+        elif isinstance(content, list):
+            for c in content:
+                if not isinstance(c, dict):
+                    return None
+                if c == {"type": "image"}:
+                    parts.append(image)
+                    n += len(image)
+                elif set(c) == {"type", "text"} and c["type"] == "text" and isinstance(c["text"], str):
+                    parts.append(c["text"])
+                    n += len(c["text"])
+                else:
+                    return None
+        else:
+            return None
+        parts.append("<|im_end|>\n")
+        n += len("<|im_end|>\n")
+        ends.append(n)
+    if add_generation_prompt:
+        parts.append("<|im_start|>assistant\n")
+    return "".join(parts), starts, ends
+
+
+class _SegmentTokenizer:
+    """Tokenizes a text piece by piece between ``split`` tokens (added tokens that split exactly, see
+    ``_segment_tokenizer``), memoising the pieces; ids and offsets equal the tokenizer's on the whole text."""
+
+    max_cached = 32768
+
+    def __init__(self, tokenizer, split: dict[str, int]):
+        self.tokenizer, self.split = tokenizer, split
+        self.pattern = re.compile("|".join(re.escape(t) for t in sorted(split, key=len, reverse=True)))
+        self.cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.checked = False
+        self.disabled = False
+
+    def __call__(self, text: str):
+        segs, at = [], 0
+        for m in self.pattern.finditer(text):
+            if m.start() > at:
+                segs.append((at, text[at:m.start()]))
+            segs.append((m.start(), m.group()))
+            at = m.end()
+        if at < len(text):
+            segs.append((at, text[at:]))
+        cache, got = self.cache, {}
+        for _, p in segs:
+            if p not in self.split and p not in got:
+                hit = cache.get(p)
+                if hit is not None:
+                    got[p] = hit
+        missing = [p for _, p in segs if p not in self.split and p not in got]
+        if missing:
+            missing = list(dict.fromkeys(missing))
+            enc = self.tokenizer(missing, add_special_tokens=False, return_offsets_mapping=True)
+            if len(cache) + len(missing) > self.max_cached:
+                cache.clear()
+            for p, pid, off in zip(missing, enc["input_ids"], enc["offset_mapping"]):
+                got[p] = cache[p] = (np.asarray(pid, np.int64), np.asarray(off, np.int64).reshape(-1, 2))
+        ids, offs = [], []
+        for start, p in segs:
+            sid = self.split.get(p)
+            if sid is not None:
+                ids.append(np.asarray([sid], np.int64))
+                offs.append(np.asarray([[start, start + len(p)]], np.int64))
+            else:
+                pid, off = got[p]
+                ids.append(pid)
+                offs.append(off + start)
+        if not ids:
+            return np.zeros((0,), np.int64), np.zeros((0, 2), np.int64)
+        return np.concatenate(ids), np.concatenate(offs)
+
+
+_SEGMENT_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SEGMENT_LOCK = threading.Lock()
+
+
+def _exact_split_tokens(backend) -> dict[str, int]:
+    """The special tokens (Qwen's and InternVL's image tokens) at which ``backend`` (a ``tokenizers.Tokenizer``)
+    splits any text exactly: added, not normalized, no strip / single-word options, and no other added token
+    overlaps them (contains one, or ends with a start of one / starts with an end of one)."""
+    added = backend.get_added_tokens_decoder()
+    contents = [t.content for t in added.values()]
+    out = {}
+    for tid, t in added.items():
+        s = t.content
+        if s not in QWEN_SPECIAL_TOKENS + INTERNVL_ADDED_TOKENS[:3]:
+            continue
+        if t.normalized or t.lstrip or t.rstrip or t.single_word:
+            continue
+        if any(c != s and (s in c or any(c.endswith(s[:k]) or c.startswith(s[-k:]) for k in range(1, len(s))))
+               for c in contents):
+            continue
+        out[s] = int(tid)
+    return out
+
+
+def _segment_tokenizer(tokenizer) -> _SegmentTokenizer | None:
+    base = tokenizer.tokenizer if isinstance(tokenizer, TemplatedTokenizer) else tokenizer
+    if not getattr(base, "is_fast", False) or getattr(base, "split_special_tokens", False):
+        return None
+    backend = getattr(base, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "get_added_tokens_decoder"):
+        return None
+    size = backend.get_vocab_size(with_added_tokens=True)
+    try:
+        entry = _SEGMENT_TOKENIZERS.get(base)
+    except TypeError:  # not weak-referenceable
+        return None
+    if entry is None or entry[0] != size:
+        split = _exact_split_tokens(backend)
+        entry = (size, _SegmentTokenizer(base, split) if split else None)
+        with _SEGMENT_LOCK:
+            _SEGMENT_TOKENIZERS[base] = entry
+    seg = entry[1]
+    return None if seg is None or seg.disabled else seg
 
 
 def _check_no_control_tokens(question: str, steps: Sequence[str], system_prompt: str, placeholder: str,
@@ -413,19 +602,37 @@ def _check_no_control_tokens(question: str, steps: Sequence[str], system_prompt:
 
 
 def _tokenize(tokenizer, text: str):
-    """(ids, token start offsets or None)."""
+    """(ids (int64 array), token start offsets, token end offsets) -- the offsets None for a slow tokenizer."""
     if getattr(tokenizer, "is_fast", False):
+        seg = _segment_tokenizer(tokenizer)
+        if seg is not None:
+            ids, offs = seg(text)
+            if not seg.checked:  # the first text of each tokenizer: compare with tokenizing it whole
+                enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+                ref_ids = np.asarray(enc["input_ids"], np.int64)
+                ref_offs = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+                if np.array_equal(ref_ids, ids) and np.array_equal(ref_offs, offs):
+                    seg.checked = True
+                else:  # pragma: no cover - _exact_split_tokens rules this out
+                    seg.disabled = True
+                    ids, offs = ref_ids, ref_offs
+            return ids, offs[:, 0], offs[:, 1]
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(enc["input_ids"]), [int(a) for a, _ in enc["offset_mapping"]], [int(b) for _, b in enc["offset_mapping"]]
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]), None, None
+        offs = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+        return np.asarray(enc["input_ids"], np.int64), offs[:, 0], offs[:, 1]
+    return np.asarray(list(tokenizer(text, add_special_tokens=False)["input_ids"]), np.int64), None, None
 
 
-def _count_tokens_before(tokenizer, text: str, ids, starts, char_pos: int) -> int:
-    """Number of leading tokens of ``text`` that lie before ``char_pos`` (a token boundary)."""
+def _count_tokens_before(tokenizer, text: str, ids, starts, char_pos):
+    """Number of leading tokens of ``text`` that lie before ``char_pos`` (a token boundary); an array of
+    them for an array of positions."""
     if starts is not None:
-        return int(np.searchsorted(np.asarray(starts), char_pos, side="left"))
+        out = np.searchsorted(starts, char_pos, side="left")
+        return out if np.ndim(out) else int(out)
+    if np.ndim(char_pos):
+        return np.asarray([_count_tokens_before(tokenizer, text, ids, starts, int(c)) for c in char_pos], np.int64)
     prefix = list(tokenizer(text[:char_pos], add_special_tokens=False)["input_ids"])
-    if ids[: len(prefix)] != prefix:
+    if list(ids[: len(prefix)]) != prefix:
         raise RuntimeError("tokenization of the prompt prefix is not a prefix of the full tokenization")
     return len(prefix)
 
@@ -585,18 +792,25 @@ def encode_prm_example(
                              () if image_pad == IMAGE_PAD else INTERNVL_ADDED_TOKENS[:3])
     n_steps = len(steps)
 
-    text = _render(tokenizer, messages)
-    ids, starts, ends = _tokenize(tokenizer, text)
-
     label_strs = [_label_text(turn_labels[k], placeholder) for k in range(n_steps)]
-    spans = _label_spans_marked(tokenizer, messages, label_strs, text)
-    label_chars, turn_end_chars = spans if spans is not None else _label_spans_by_prefix(tokenizer, messages,
-                                                                                         label_strs, text)
+    spec = _chatml_spec(tokenizer)
+    fast = None if spec is None else _render_chatml(messages, spec)
+    if fast is not None:  # the text and, per assistant turn, where its content starts and where it ends
+        text, content_starts, message_ends = fast
+        label_chars, turn_end_chars = content_starts[2::2], message_ends[2::2]
+    else:
+        text = _render(tokenizer, messages)
+    ids, starts, ends = _tokenize(tokenizer, text)
+    if fast is None:
+        spans = _label_spans_marked(tokenizer, messages, label_strs, text)
+        label_chars, turn_end_chars = spans if spans is not None else _label_spans_by_prefix(tokenizer, messages,
+                                                                                             label_strs, text)
 
     # Token index of each label (before image-pad expansion) and its verification.
     label_tok = []
+    label_js = _count_tokens_before(tokenizer, text, ids, starts, np.asarray(label_chars, np.int64))
     for k, c in enumerate(label_chars):
-        j = _count_tokens_before(tokenizer, text, ids, starts, c)
+        j = int(label_js[k])
         expect = {POSITIVE_TOKEN: plus_id, NEGATIVE_TOKEN: minus_id}.get(label_strs[k], placeholder_id)
         ok = j < len(ids) and ids[j] == expect
         if starts is not None:
@@ -621,9 +835,8 @@ def encode_prm_example(
     input_ids = np.repeat(ids_arr, repeats)
 
     label_token_index = new_start[np.asarray(label_tok, dtype=np.int64)]
-    turn_end_tokens = np.asarray(
-        [new_start[_count_tokens_before(tokenizer, text, ids, starts, e)] for e in turn_end_chars], dtype=np.int64
-    )
+    turn_end_tokens = new_start[_count_tokens_before(tokenizer, text, ids, starts,
+                                                     np.asarray(turn_end_chars, np.int64))].astype(np.int64)
     if turn_end_tokens[-1] != len(input_ids):
         raise RuntimeError("the chat template adds text after the last assistant turn; cannot truncate by steps")
 
@@ -640,7 +853,7 @@ def encode_prm_example(
         # The kept prefix must equal what the shorter conversation tokenizes to on its own.
         short_text = _render(tokenizer, messages[: 2 * n_keep + 1])
         short_ids = list(tokenizer(short_text, add_special_tokens=False)["input_ids"])
-        if short_ids != ids[: len(short_ids)] or new_start[len(short_ids)] != cut:
+        if short_ids != list(ids[: len(short_ids)]) or new_start[len(short_ids)] != cut:
             raise RuntimeError("truncating the conversation changed the tokenization of the kept steps")
         input_ids = input_ids[:cut]
         text = short_text

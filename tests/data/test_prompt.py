@@ -283,24 +283,32 @@ def test_slow_tokenizer_path_matches_offsets_path(tok):
 @pytest.mark.parametrize("style", ["vlprm", "visualprm", "chat"])
 @pytest.mark.parametrize("mode", ["score", "train"])
 def test_one_render_label_spans_equal_prefix_by_prefix(tok, monkeypatch, style, mode):
-    """The fast path (one marked render) finds the same label and turn-end positions as rendering the
-    conversation prefix by prefix, also when truncating."""
+    """The fast paths (ChatML written without jinja with its turn positions, pieces tokenized between
+    special tokens; or one marked jinja render) find the same ids, label and turn-end positions as
+    rendering the conversation prefix by prefix with jinja and tokenizing it whole, also when truncating."""
     import jaxprm.data.prompt as P
 
     grids = np.array([[1, 4, 6]])
     kw = dict(labels=[1, 0, None, 0], image_grid_thw=grids, mode=mode, style=style)
-    fast = [encode_prm_example(tok, QUESTION, STEPS, **kw),
-            encode_prm_example(tok, QUESTION, STEPS, max_length=len(encode_prm_example(tok, QUESTION, STEPS, **kw)) - 3,
-                               **kw)]
+
+    def encode_both():
+        full = encode_prm_example(tok, QUESTION, STEPS, **kw)
+        return [full, encode_prm_example(tok, QUESTION, STEPS, max_length=len(full) - 3, **kw)]
+
+    assert P._chatml_spec(tok) is not None and P._segment_tokenizer(tok) is not None
+    fast = encode_both()
+    monkeypatch.setattr(P, "_chatml_spec", lambda t: None)  # jinja renders
+    monkeypatch.setattr(P, "_segment_tokenizer", lambda t: None)  # the whole text tokenized at once
+    marked = encode_both()
     calls = []
     monkeypatch.setattr(P, "_label_spans_marked", lambda *a: calls.append(1))  # -> None: the slow path
-    slow = [encode_prm_example(tok, QUESTION, STEPS, **kw),
-            encode_prm_example(tok, QUESTION, STEPS, max_length=len(fast[0]) - 3, **kw)]
+    slow = encode_both()
     assert calls and fast[1].num_steps_dropped == 1
-    for f, s in zip(fast, slow):
-        for name in ("input_ids", "label_positions", "label_token_index", "labels"):
-            np.testing.assert_array_equal(getattr(f, name), getattr(s, name))
-        assert f.text == s.text and f.num_steps_dropped == s.num_steps_dropped
+    for other in (marked, slow):
+        for f, s in zip(fast, other):
+            for name in ("input_ids", "label_positions", "label_token_index", "labels"):
+                np.testing.assert_array_equal(getattr(f, name), getattr(s, name))
+            assert f.text == s.text and f.num_steps_dropped == s.num_steps_dropped
 
 
 def test_marked_render_is_refused_when_text_holds_the_marks(tok):
