@@ -17,6 +17,11 @@ of ``Qwen2_5_VLProcessor``. Per image:
    (merge windows outermost, then the ``merge x merge`` patches of a window, then channel, the frame
    repeated ``temporal_patch_size`` times, and the ``patch x patch`` pixels); ``grid_t`` is 1 for an image.
 
+Steps 4-6 run on the resized uint8 pixels: they are put in patch order first (a uint8 copy), and each
+value is then looked up in a per-channel table of the 256 results of steps 4-5, computed with exactly
+those operations (so every float32 equals HF's bit for bit), instead of rescaling and normalising
+millions of pixels in float64 and copying the float32 image into patch order.
+
 Images are concatenated along the patch axis, and ``image_grid_thw`` is ``(n_images, 3)`` int64.
 
 Differences from HF, all on inputs HF does not accept or misreads: encoded ``bytes`` and file paths are
@@ -299,12 +304,44 @@ class ImageProcessor:
         height, width = rgb.shape[:2]
         rh, rw = self.resized_size(height, width)
         resized = np.asarray(Image.fromarray(rgb).resize((rw, rh), resample=Image.Resampling.BICUBIC))
-        chw = np.moveaxis(resized, -1, 0)
-        x = (chw.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
-        std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
-        x = (x - mean) / std
-        return self.patchify(x)
+        return self.patchify_uint8(resized)
+
+    def normalize(self, chw: np.ndarray) -> np.ndarray:
+        """Steps 4-5 on a ``(C, ...)`` uint8 array: ``(float32(x * rescale_factor in float64) - mean) / std``
+        in float32, as HF does."""
+        x = (np.asarray(chw).astype(np.float64) * self.rescale_factor).astype(np.float32)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        mean = np.asarray(self.image_mean, dtype=np.float32).reshape(shape)
+        std = np.asarray(self.image_std, dtype=np.float32).reshape(shape)
+        return (x - mean) / std
+
+    def _value_table(self) -> np.ndarray:
+        """(3, 256) float32: ``normalize`` of every uint8 value per channel (computed once)."""
+        key = (self.rescale_factor, self.image_mean, self.image_std)
+        cached = getattr(self, "_table", None)
+        if cached is None or cached[0] != key:
+            table = self.normalize(np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 256)))
+            cached = self._table = (key, np.ascontiguousarray(table, np.float32))
+        return cached[1]
+
+    def patchify_uint8(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(H, W, C)`` uint8 image (H, W multiples of patch*merge) -> (normalised patches, grid_thw), equal
+        to ``patchify(normalize(channels-first image))``: the uint8 pixels are put in patch order and each
+        is looked up in ``_value_table``."""
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        h, w, c = image.shape
+        if h % (p * m) or w % (p * m):
+            raise ValueError(f"image size {h}x{w} is not a multiple of patch_size*merge_size={p * m}")
+        gh, gw = h // p, w // p
+        u = image.reshape(gh // m, m, p, gw // m, m, p, c).transpose(0, 3, 1, 4, 6, 2, 5)  # (.., m, m, C, p, p)
+        u = np.ascontiguousarray(u).reshape(gh * gw, c, p * p)
+        table = self._value_table()
+        out = np.empty((gh * gw, c, t, p * p), np.float32)
+        for ci in range(c):
+            vals = table[ci][u[:, ci]]
+            for ti in range(t):
+                out[:, ci, ti] = vals
+        return out.reshape(gh * gw, c * t * p * p), np.array([1, gh, gw], dtype=np.int64)
 
     def patchify(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(C, H, W)`` float image (H, W multiples of patch*merge) -> (patches, grid_thw) in HF's order."""

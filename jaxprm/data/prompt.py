@@ -348,7 +348,12 @@ class PromptEncoding:
 
 
 def _single_token_id(tokenizer, s: str, what: str) -> int:
-    ids = tokenizer.encode(s, add_special_tokens=False)
+    memo = _tokenizer_memo(tokenizer)
+    ids = None if memo is None else memo.single_ids.get(s)
+    if ids is None:
+        ids = list(tokenizer.encode(s, add_special_tokens=False))
+        if memo is not None:
+            memo.single_ids[s] = ids
     if len(ids) != 1:
         raise ValueError(
             f"{what} {s!r} must be a single token in this tokenizer, but it encodes to {len(ids)} tokens {ids}"
@@ -564,7 +569,19 @@ def _exact_split_tokens(backend) -> dict[str, int]:
     return out
 
 
-def _segment_tokenizer(tokenizer) -> _SegmentTokenizer | None:
+class _TokenizerMemo:
+    """What is memoised per fast tokenizer (``_tokenizer_memo``): its ``_SegmentTokenizer`` (None when no
+    special token splits exactly) and the ids of single-token strings (``"+"``, ``"-"``, the placeholder)."""
+
+    def __init__(self, base, backend):
+        split = _exact_split_tokens(backend)
+        self.segments = _SegmentTokenizer(base, split) if split else None
+        self.single_ids: dict[str, list[int]] = {}
+
+
+def _tokenizer_memo(tokenizer) -> _TokenizerMemo | None:
+    """The memo of a transformers fast tokenizer (a ``TemplatedTokenizer``'s: its tokenizer's), rebuilt
+    when tokens are added; None for anything else."""
     base = tokenizer.tokenizer if isinstance(tokenizer, TemplatedTokenizer) else tokenizer
     if not getattr(base, "is_fast", False) or getattr(base, "split_special_tokens", False):
         return None
@@ -577,28 +594,16 @@ def _segment_tokenizer(tokenizer) -> _SegmentTokenizer | None:
     except TypeError:  # not weak-referenceable
         return None
     if entry is None or entry[0] != size:
-        split = _exact_split_tokens(backend)
-        entry = (size, _SegmentTokenizer(base, split) if split else None)
+        entry = (size, _TokenizerMemo(base, backend))
         with _SEGMENT_LOCK:
             _SEGMENT_TOKENIZERS[base] = entry
-    seg = entry[1]
+    return entry[1]
+
+
+def _segment_tokenizer(tokenizer) -> _SegmentTokenizer | None:
+    memo = _tokenizer_memo(tokenizer)
+    seg = None if memo is None else memo.segments
     return None if seg is None or seg.disabled else seg
-
-
-def _check_no_control_tokens(question: str, steps: Sequence[str], system_prompt: str, placeholder: str,
-                             extra: Sequence[str] = ()):
-    tokens = QWEN_SPECIAL_TOKENS + tuple(extra)
-
-    def check(s, where):
-        for t in tokens:
-            if t in s:
-                raise ValueError(f"{where} contains the special token string {t!r}, which would break the prompt")
-
-    check(question, "question")
-    check(system_prompt, "system_prompt")
-    check(placeholder, "placeholder")
-    for i, s in enumerate(steps):
-        check(s, f"steps[{i}]")
 
 
 def _tokenize(tokenizer, text: str):
