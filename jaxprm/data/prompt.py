@@ -606,6 +606,22 @@ def _segment_tokenizer(tokenizer) -> _SegmentTokenizer | None:
     return None if seg is None or seg.disabled else seg
 
 
+def _check_no_control_tokens(question: str, steps: Sequence[str], system_prompt: str, placeholder: str,
+                             extra: Sequence[str] = ()):
+    tokens = QWEN_SPECIAL_TOKENS + tuple(extra)
+
+    def check(s, where):
+        for t in tokens:
+            if t in s:
+                raise ValueError(f"{where} contains the special token string {t!r}, which would break the prompt")
+
+    check(question, "question")
+    check(system_prompt, "system_prompt")
+    check(placeholder, "placeholder")
+    for i, s in enumerate(steps):
+        check(s, f"steps[{i}]")
+
+
 def _tokenize(tokenizer, text: str):
     """(ids (int64 array), token start offsets, token end offsets) -- the offsets None for a slow tokenizer."""
     if getattr(tokenizer, "is_fast", False):
