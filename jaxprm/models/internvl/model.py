@@ -17,25 +17,13 @@ remote code's ``image_flags`` does (dummy tiles of text-only rows in a batch).
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from jaxprm.models.qwen2_5_vl.layers import ParamFactory
-from jaxprm.models.qwen2_5_vl.text import TextModel
+from jaxprm.models.vlm import Output, VisionLanguageModel, hf_forward, host_ids_and_mask, scatter_features
 from .config import InternVLConfig
 from .vision import VisionTower
-
-
-@dataclasses.dataclass
-class Output:
-    logits: Any
-    hidden_states: Any
-    position_ids: np.ndarray
 
 
 def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:
@@ -45,18 +33,9 @@ def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:
     return np.maximum(np.cumsum(m, axis=1) - 1, 0).astype(np.int32)[None]
 
 
-class InternVL(nnx.Module):
-    def __init__(self, config: InternVLConfig, *, dtype=jnp.float32, param_dtype=None,
-                 attn_impl: str = "auto", remat_policy: str | None = None, rngs: nnx.Rngs | None = None):
-        param_dtype = dtype if param_dtype is None else param_dtype
-        rngs = nnx.Rngs(0) if rngs is None else rngs
-        self.config, self.dtype = config, dtype
-        kw = dict(dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl, remat_policy=remat_policy, rngs=rngs)
+class InternVL(VisionLanguageModel):
+    def init_vision(self, config: InternVLConfig, **kw):
         self.vision = VisionTower(config, **kw)
-        self.language_model = TextModel(config.text, **kw)
-        t = config.text
-        self.lm_head = None if config.tie_word_embeddings else ParamFactory(rngs, param_dtype).normal(
-            embed=t.hidden_size, vocab=t.vocab_size)
 
     # -- pure, jittable pieces ------------------------------------------------------------------
     def image_features(self, pixel_values):
@@ -70,14 +49,10 @@ class InternVL(nnx.Module):
         if image_features is None:
             return x
         n, t, d = image_features.shape
-        feats = image_features.astype(x.dtype)
+        feats = image_features
         if image_flags is not None:  # kept tiles first, in order (a stable sort on "dropped")
             feats = feats[jnp.argsort(jnp.asarray(image_flags) == 0, stable=True)]
-        feats = feats.reshape(n * t, d)
-        mask = input_ids == self.config.image_token_id
-        idx = jnp.cumsum(mask.reshape(-1)) - 1
-        picked = feats[jnp.clip(idx, 0, n * t - 1)]
-        return jnp.where(mask[..., None], picked.reshape(x.shape), x)
+        return scatter_features(x, input_ids, self.config.image_token_id, feats.reshape(n * t, d))
 
     def hidden_states(self, input_ids, position_ids, segment_ids, pixel_values=None, image_flags=None,
                       past_kv=None, past_segment_ids=None, return_kv: bool = False):
@@ -103,31 +78,13 @@ class InternVL(nnx.Module):
         return self.language_model(embeds, position_ids, segment_ids, past_kv=past_kv,
                                    past_segment_ids=past_segment_ids, return_kv=return_kv)
 
-    def lm_head_weight(self):
-        w = self.language_model.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        return w.astype(self.dtype)
-
-    def logits(self, hidden):
-        return jnp.einsum("...d,dv->...v", hidden, self.lm_head_weight())
-
-    def token_logits(self, hidden, token_ids):
-        """Logits of the given vocabulary rows only: (..., D) x (len(token_ids),) -> (..., len(token_ids))."""
-        if self.lm_head is None:
-            w = self.language_model.embed_tokens[...][jnp.asarray(token_ids)].T
-        else:
-            w = self.lm_head[...][:, jnp.asarray(token_ids)]
-        return jnp.einsum("...d,dv->...v", hidden, w.astype(self.dtype))
-
     # -- transformers-style call -------------------------------------------------------------------
     def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_flags=None,
                        position_ids=None) -> dict:
         """Host side of ``__call__``: positions, segment ids and checks (numpy)."""
         cfg = self.config
-        ids = np.asarray(input_ids)
-        if ids.ndim == 1:
-            ids = ids[None]
+        ids, mask = host_ids_and_mask(input_ids, attention_mask)
         b, l = ids.shape
-        mask = np.ones((b, l), np.int32) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
         scaling = cfg.rope_scaling or {}
@@ -164,12 +121,7 @@ class InternVL(nnx.Module):
         host = self.prepare_inputs(input_ids, attention_mask, pixel_values, image_flags, position_ids)
         pv = None if pixel_values is None else jnp.asarray(np.asarray(pixel_values, np.float32))
         flags = host.get("image_flags")
-        hidden, logits = _hf_forward(self, host["input_ids"], host["position_ids"], host["segment_ids"], pv,
-                                     None if flags is None or flags.all() else jnp.asarray(flags))
+        hidden, logits = hf_forward(self, host["input_ids"], host["position_ids"], host["segment_ids"], pv,
+                                    None if flags is None or flags.all() else jnp.asarray(flags))
         return Output(logits=logits, hidden_states=hidden, position_ids=host["position_ids"])
 
-
-@nnx.jit
-def _hf_forward(model, input_ids, position_ids, segment_ids, pixel_values, image_flags):
-    h = model.hidden_states(input_ids, position_ids, segment_ids, pixel_values, image_flags)
-    return h, model.logits(h)

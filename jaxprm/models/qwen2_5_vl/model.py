@@ -13,41 +13,28 @@ Two ways in:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from jaxprm.models import vlm
+from jaxprm.models.vlm import VisionLanguageModel, hf_forward, host_ids_and_mask, scatter_features
+from jaxprm.sharding import batch_axis_names
 from . import rope
 from .config import Qwen25VLConfig
-from .layers import ParamFactory
-from .text import TextModel
 from .rope import LAYOUT_KEYS
 from .vision import VisionTower
 
 
 @dataclasses.dataclass
-class Output:
-    logits: Any
-    hidden_states: Any
-    position_ids: np.ndarray
+class Output(vlm.Output):
     rope_deltas: np.ndarray
 
 
-class Qwen25VL(nnx.Module):
-    def __init__(self, config: Qwen25VLConfig, *, dtype=jnp.float32, param_dtype=None,
-                 attn_impl: str = "auto", remat_policy: str | None = None, rngs: nnx.Rngs | None = None):
-        param_dtype = dtype if param_dtype is None else param_dtype
-        rngs = nnx.Rngs(0) if rngs is None else rngs
-        self.config, self.dtype = config, dtype
-        kw = dict(dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl, remat_policy=remat_policy, rngs=rngs)
+class Qwen25VL(VisionLanguageModel):
+    def init_vision(self, config: Qwen25VLConfig, **kw):
         self.visual = VisionTower(config.vision, **kw)
-        self.language_model = TextModel(config.text, **kw)
-        t = config.text
-        self.lm_head = None if config.tie_word_embeddings else ParamFactory(rngs, param_dtype).normal(
-            embed=t.hidden_size, vocab=t.vocab_size)
 
     # -- pure, jittable pieces ------------------------------------------------------------------
     def image_features(self, pixel_values, layout: dict):
@@ -59,10 +46,7 @@ class Qwen25VL(nnx.Module):
         x = self.language_model.embed(input_ids)
         if image_features is None:
             return x
-        mask = input_ids == self.config.image_token_id
-        idx = jnp.cumsum(mask.reshape(-1)) - 1
-        feats = image_features.astype(x.dtype)[jnp.clip(idx, 0, image_features.shape[0] - 1)]
-        return jnp.where(mask[..., None], feats.reshape(x.shape), x)
+        return scatter_features(x, input_ids, self.config.image_token_id, image_features)
 
     def hidden_states(self, input_ids, position_ids, segment_ids, pixel_values=None, vision_layout=None,
                       past_kv=None, past_segment_ids=None, return_kv: bool = False):
@@ -80,35 +64,19 @@ class Qwen25VL(nnx.Module):
             embeds = self.embed(input_ids, self.image_features(pixel_values, vision_layout))
         else:
             layout = tuple(vision_layout[k] for k in LAYOUT_KEYS)
-            feats = jax.vmap(lambda pv, *lay: self.visual(pv, *lay))(pixel_values, *layout)
+            # rows stay split over the mesh's batch axes inside (the Pallas kernels' shard_map)
+            rows = batch_axis_names(pixel_values.shape[0])
+            feats = jax.vmap(lambda pv, *lay: self.visual(pv, *lay), spmd_axis_name=rows)(pixel_values, *layout)
             embeds = jax.vmap(lambda ids, f: self.embed(ids[None], f)[0])(input_ids, feats)
         return self.language_model(embeds, position_ids, segment_ids, past_kv=past_kv,
                                    past_segment_ids=past_segment_ids, return_kv=return_kv)
-
-    def lm_head_weight(self):
-        w = self.language_model.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        return w.astype(self.dtype)
-
-    def logits(self, hidden):
-        return jnp.einsum("...d,dv->...v", hidden, self.lm_head_weight())
-
-    def token_logits(self, hidden, token_ids):
-        """Logits of the given vocabulary rows only: (..., D) x (len(token_ids),) -> (..., len(token_ids))."""
-        if self.lm_head is None:
-            w = self.language_model.embed_tokens[...][jnp.asarray(token_ids)].T
-        else:
-            w = self.lm_head[...][:, jnp.asarray(token_ids)]
-        return jnp.einsum("...d,dv->...v", hidden, w.astype(self.dtype))
 
     # -- transformers-style call -------------------------------------------------------------------
     def prepare_inputs(self, input_ids, attention_mask=None, image_grid_thw=None, position_ids=None) -> dict:
         """Host side of ``__call__``: 3D positions, segment ids and the vision layout (numpy)."""
         cfg = self.config
-        ids = np.asarray(input_ids)
-        if ids.ndim == 1:
-            ids = ids[None]
+        ids, mask = host_ids_and_mask(input_ids, attention_mask)
         b, l = ids.shape
-        mask = np.ones((b, l), np.int32) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
         deltas = np.zeros(b, np.int64)
         grid = None if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3)
         if grid is not None:
@@ -142,13 +110,8 @@ class Qwen25VL(nnx.Module):
             raise ValueError("pass pixel_values and image_grid_thw together")
         host = self.prepare_inputs(input_ids, attention_mask, image_grid_thw, position_ids)
         pv = None if pixel_values is None else jnp.asarray(np.asarray(pixel_values, np.float32))
-        hidden, logits = _hf_forward(self, host["input_ids"], host["position_ids"], host["segment_ids"],
-                                     pv, host.get("vision_layout"))
+        hidden, logits = hf_forward(self, host["input_ids"], host["position_ids"], host["segment_ids"],
+                                    pv, host.get("vision_layout"))
         return Output(logits=logits, hidden_states=hidden, position_ids=host["position_ids"],
                       rope_deltas=host["rope_deltas"])
 
-
-@nnx.jit
-def _hf_forward(model, input_ids, position_ids, segment_ids, pixel_values, vision_layout):
-    h = model.hidden_states(input_ids, position_ids, segment_ids, pixel_values, vision_layout)
-    return h, model.logits(h)
