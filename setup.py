@@ -43,6 +43,10 @@ setup(
     ],
     extras_require={
         # torch is only the reference implementation for parity tests and benchmarks.
-        "test": ["torch>=2.4", "pytest>=8", "scikit-learn", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
+        # jax[tpu] brings libtpu, the TPU compiler: tests/test_pod_bench.py compiles for a TPU pod
+        # ahead of time on a CPU machine (no TPU is used)
+        "test": ["torch>=2.4", "pytest>=8", "scikit-learn", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
+                 "jax[tpu]"],
+        "tpu-aot": ["jax[tpu]"],
     },
 )

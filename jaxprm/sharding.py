@@ -102,6 +102,17 @@ def param_shardings(state, mesh: Mesh, rules=RULES):
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def batch_axis_names(rows: int) -> tuple[str, ...] | None:
+    """The mesh axes the "batch" rule splits ``rows`` rows over, on the mesh set with ``jax.set_mesh``
+    (None without a mesh, or when they do not divide ``rows``): ``jax.vmap(..., spmd_axis_name=)``
+    over the rows, so that a ``shard_map`` inside (the Pallas attention kernels) keeps them split."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    axes = spec_for((rows,), ("batch",), mesh)[0]
+    return None if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def constrain(x, logical: tuple[str, ...], rules=RULES):
     """``with_sharding_constraint`` of an activation by its logical axes, on the mesh set with
     ``jax.set_mesh`` (read at trace time); without a mesh (single-device code) ``x`` unchanged."""

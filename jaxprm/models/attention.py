@@ -14,7 +14,10 @@ through ``attention`` for the backend dispatch.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +27,28 @@ IMPLS = ("auto", "xla", "cudnn", "splash", "splash_interpret")
 SPLASH_BLOCK = 128  # the splash kernel tiles lengths in multiples of this; others fall back to XLA
 
 
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxprm_attention_target", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+    """Resolve ``impl="auto"`` for ``platform`` ("tpu", "gpu", "cpu") instead of the default backend,
+    while tracing a program compiled ahead of time for another device (``bench/pod_bench.py``)."""
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
 def resolve_impl(impl: str, dtype) -> str:
-    """Pick the concrete implementation for ``impl="auto"`` on the current default backend."""
+    """Pick the concrete implementation for ``impl="auto"`` on the current default backend (or the
+    platform set by :func:`target_platform`)."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    backend = jax.default_backend()
+    backend = _TARGET_PLATFORM.get() or jax.default_backend()
     low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if backend == "gpu" and low_precision and _cudnn_flash_supported():
         return "cudnn"
@@ -94,8 +112,10 @@ def cudnn_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal=
     )
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(num_heads: int, q_len: int, kv_len: int, causal: bool, interpret: bool = False):
+    # Built in each trace, never cached by us: the kernel holds its mask tables as arrays of the trace
+    # that built it (a cached one leaks them into the next trace). The splash module caches the
+    # mask processing itself, so a rebuild costs ~nothing.
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     base = sa.CausalMask((q_len, kv_len)) if causal else sa.FullMask((q_len, kv_len))
@@ -123,17 +143,37 @@ def splash_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal
     rep = n // k.shape[2]
     k = jnp.repeat(k, rep, axis=2)
     v = jnp.repeat(v, rep, axis=2)
-    kernel = _splash_kernel(n, t, s, causal, bool(interpret))
     qh = jnp.swapaxes(q * scale, 1, 2)  # (B, N, T, H)
     kh_, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     if q_segment_ids is None:
         q_segment_ids = jnp.zeros((b, t), jnp.int32)
         kv_segment_ids = jnp.zeros((b, s), jnp.int32)
 
-    def one(qi, ki, vi, qs, ks):
-        return kernel(qi, ki, vi, segment_ids=sa.SegmentIds(q=qs, kv=ks))
+    args = (qh, kh_, vh, q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32))
+    mesh = jax.sharding.get_abstract_mesh()
+    local_heads, specs = n, None
+    if not mesh.empty:
+        # A Pallas kernel is not partitioned by XLA: under a mesh it runs per device on its rows
+        # (the "batch" rule) and heads ("heads"), as the surrounding activations are sharded.
+        from jaxprm.sharding import spec_for
 
-    out = jax.vmap(one)(qh, kh_, vh, q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32))
+        heads = spec_for(qh.shape, ("batch", "heads", "length", "length"), mesh)
+        seg = spec_for(args[3].shape, ("batch", "length"), mesh)
+        specs = (heads, heads, heads, seg, seg), heads
+        split = heads[1] if isinstance(heads[1], tuple) else (heads[1],) if heads[1] else ()
+        local_heads = n // math.prod(mesh.shape[a] for a in split)
+    kernel = _splash_kernel(local_heads, t, s, causal, bool(interpret))  # built outside the shard_map trace
+
+    def run(qh, kh_, vh, qs, ks):  # one device's rows and heads
+        def one(qi, ki, vi, qsi, ksi):
+            return kernel(qi, ki, vi, segment_ids=sa.SegmentIds(q=qsi, kv=ksi))
+
+        return jax.vmap(one)(qh, kh_, vh, qs, ks)
+
+    if specs is None:
+        out = run(*args)
+    else:
+        out = jax.shard_map(run, in_specs=specs[0], out_specs=specs[1], check_vma=False)(*args)
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
