@@ -21,6 +21,7 @@ import json
 import os
 from typing import Any
 
+from jaxprm.models.hf_config import read_config_json, special_token_ids
 from jaxprm.models.qwen2_5_vl.config import TextConfig
 
 LLM_ARCHS = ("qwen2", "llama", "internlm2")
@@ -158,7 +159,7 @@ class InternVLConfig:
                    image_token_id=image_token_id, downsample_ratio=float(d.get("downsample_ratio", 0.5)),
                    ps_version=d.get("ps_version", "v1"), select_layer=int(d.get("select_layer", -1)),
                    tie_word_embeddings=tie, template=d.get("template"),
-                   rope_scaling=llm.get("rope_scaling"), **_special(llm))
+                   rope_scaling=llm.get("rope_scaling"), **special_token_ids(llm))
 
     @classmethod
     def _from_native(cls, d, image_token_id):
@@ -194,20 +195,13 @@ class InternVLConfig:
                    image_token_id=int(d.get("image_token_id", 151667)) if image_token_id is None else image_token_id,
                    downsample_ratio=float(d.get("downsample_ratio", 0.5)), ps_version="v2", select_layer=layer,
                    projector_hidden_act=d.get("projector_hidden_act", "gelu"), tie_word_embeddings=tie,
-                   rope_scaling=_scaling_of(rope), **_special(text))
+                   rope_scaling=_scaling_of(rope), **special_token_ids(text))
 
     @classmethod
     def from_pretrained(cls, path: str, image_token_id: int | None = None) -> "InternVLConfig":
         """Read ``config.json``; for the remote-code layout the ``<IMG_CONTEXT>`` id comes from
         ``image_token_id`` or, when not given, from the tokenizer files in the same directory."""
-        f = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        if not os.path.exists(f):
-            raise FileNotFoundError(f"{f} not found: expected an InternVL directory with config.json")
-        with open(f, encoding="utf-8") as fh:
-            try:
-                d = json.load(fh)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f}: not valid JSON ({e})") from e
+        f, d = read_config_json(path, "an InternVL directory")
         if image_token_id is None and "llm_config" in d:
             image_token_id = find_token_id(os.path.dirname(f), IMG_CONTEXT)
         try:
@@ -268,11 +262,6 @@ def _scaling_of(rope):
         return None
     kind = rope.get("rope_type", rope.get("type"))
     return None if kind in (None, "default") else dict(rope)
-
-
-def _special(llm: dict) -> dict:
-    return {k: (tuple(llm[k]) if isinstance(llm[k], list) else llm[k])
-            for k in ("bos_token_id", "eos_token_id") if llm.get(k) is not None}
 
 
 def _text_config(llm: dict, attention_bias: bool) -> TextConfig:

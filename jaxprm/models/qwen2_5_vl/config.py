@@ -7,9 +7,9 @@ Accepts both layouts transformers has written: the flat legacy one (text fields 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
+
+from jaxprm.models.hf_config import read_config_json, special_token_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,21 +134,12 @@ class Qwen25VLConfig:
         }
         # transformers' default when a checkpoint does not say (real Qwen2.5-VL configs say 2)
         tps = vis.get("tokens_per_second", d.get("tokens_per_second", 4))
-        special = {k: (tuple(text[k]) if isinstance(text[k], list) else text[k])
-                   for k in ("bos_token_id", "eos_token_id") if text.get(k) is not None}
         return cls(VisionConfig(**vkw), TextConfig(**tkw), tie_word_embeddings=tie, tokens_per_second=int(tps),
-                   **top, **special)
+                   **top, **special_token_ids(text))
 
     @classmethod
     def from_pretrained(cls, path: str) -> "Qwen25VLConfig":
-        f = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        if not os.path.exists(f):
-            raise FileNotFoundError(f"{f} not found: expected an HF Qwen2.5-VL directory with config.json")
-        with open(f) as fh:
-            try:
-                d = json.load(fh)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f}: not valid JSON ({e})") from e
+        _, d = read_config_json(path, "an HF Qwen2.5-VL directory")
         return cls.from_hf_dict(d)
 
     def to_hf_dict(self) -> dict[str, Any]:
