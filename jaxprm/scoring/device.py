@@ -13,7 +13,8 @@ shapes is ever compiled:
 
 Three jitted functions (``nnx.split`` once into graphdef/state; pure functions of ``(state, arrays)``
 that ``nnx.merge`` inside the trace, so a call is one cheap C++ dispatch): ``full`` (whole sequences,
-per-row vision), ``prefix`` (one shared prefix with its image(s) -> its K/V cache) and ``suffix``
+per-row vision; rows that share one image, as the candidates of one problem do, get it as one pixel
+array copied to the rows on the device, not once per row from the host), ``prefix`` (one shared prefix with its image(s) -> its K/V cache) and ``suffix``
 (a batch of continuations attending to the prefix cache broadcast over the rows). Each returns only
 the 2-class step head at every position -- (B, L) probabilities, never full-vocabulary logits --
 and the host picks the label positions. The jitted functions are shared by all scorers whose model
@@ -172,6 +173,17 @@ class SuffixKV:
 # ------------------------------------------------------------------------------------------------
 # the jitted functions (shared per model graph)
 # ------------------------------------------------------------------------------------------------
+def _gather_pixels(batch: dict) -> dict:
+    """A batch whose rows share images carries each image once: ``pixel_values`` (U, units, ...) and
+    ``pixel_rows`` (rows,) the image of each row; give every row its own copy (on the device)."""
+    if "pixel_rows" not in batch:
+        return batch
+    batch = dict(batch)
+    rows = batch.pop("pixel_rows")
+    batch["pixel_values"] = jnp.take(batch["pixel_values"], rows, axis=0)
+    return batch
+
+
 class _Compiled:
     """The jitted functions of one model graph, with a trace counter."""
 
@@ -183,7 +195,7 @@ class _Compiled:
         def full(state, batch):
             self.trace_counts["full"] += 1
             model = nnx.merge(gd, state)
-            return step_probs(model.head(model.hidden_states(batch)))
+            return step_probs(model.head(model.hidden_states(_gather_pixels(batch))))
 
         def prefix(state, batch):
             self.trace_counts["prefix"] += 1
@@ -251,7 +263,50 @@ def _compiled_for(graphdef) -> _Compiled:
 # ------------------------------------------------------------------------------------------------
 # the vision inputs of a batch, per backbone
 # ------------------------------------------------------------------------------------------------
-class _PatchInputs:
+def _pad_units(x: np.ndarray, units: int) -> np.ndarray:
+    """``x`` (n, ...) as (1, units, ...) float32, zero-padded (no copy when it already has ``units`` rows)."""
+    if x.shape[0] == units:
+        return x[None]
+    out = np.zeros((1, units, *x.shape[1:]), np.float32)
+    out[0, : x.shape[0]] = x
+    return out
+
+
+class _VisionInputs:
+    """The pixel rows of a batch: each row's own (rows, units, ...) array, or, when every row with an
+    image holds the same pixel array (one problem's candidates), that array once with ``pixel_rows``
+    (rows,) zeros: ``_gather_pixels`` copies it to every row on the device, so the host neither copies
+    nor transfers it once per row. Rows without an image (dummy rows) then carry it too; their vision
+    layout / flags are all padding, as before, and rows never see each other's vision inputs."""
+
+    unit_shape: tuple = ()
+
+    def _pixels(self, seqs, rows: int, units: int, shared: bool | None = None) -> tuple[dict, list]:
+        """({"pixel_values": ..., ["pixel_rows": ...]}, the sequence of each row or None)."""
+        row_seqs = [seqs[i] if i < len(seqs) and seqs[i] is not None and seqs[i].pixel_values is not None
+                    else None for i in range(rows)]
+        for s in row_seqs:
+            if s is not None:
+                self._check(s)
+        with_image = [s for s in row_seqs if s is not None]
+        if shared is None:  # one pixel array for every row that has an image
+            shared = rows > 1 and bool(with_image) and all(s.pixel_values is with_image[0].pixel_values
+                                                          for s in with_image)
+        if shared:
+            pv = (_pad_units(with_image[0].pixel_values, units) if with_image
+                  else np.zeros((1, units, *self.unit_shape), np.float32))
+            return {"pixel_values": pv, "pixel_rows": np.zeros((rows,), np.int32)}, row_seqs
+        pv = np.zeros((rows, units, *self.unit_shape), np.float32)
+        for i, s in enumerate(row_seqs):
+            if s is not None:
+                pv[i, : s.num_patches] = s.pixel_values
+        return {"pixel_values": pv}, row_seqs
+
+    def _check(self, s: TokenSequence) -> None:
+        pass
+
+
+class _PatchInputs(_VisionInputs):
     """Qwen2.5-VL: per row, ``units`` patches (P, patch_dim) and their layout arrays."""
 
     default_buckets = DEFAULT_PATCH_BUCKETS
@@ -259,21 +314,16 @@ class _PatchInputs:
     def __init__(self, config):
         v = config.vision
         self.multiple_of, self.patch_dim = v.spatial_merge_size**2, v.patch_dim
+        self.unit_shape = (self.patch_dim,)
         self._layouts = VisionLayouts(v)
 
-    def pack(self, seqs: Sequence[TokenSequence | None], rows: int, units: int) -> dict:
-        pv = np.zeros((rows, units, self.patch_dim), np.float32)
-        grids = []
-        for i in range(rows):
-            s = seqs[i] if i < len(seqs) else None
-            has_image = s is not None and s.pixel_values is not None
-            if has_image:
-                pv[i, : s.num_patches] = s.pixel_values
-            grids.append(s.image_grid_thw if has_image else None)
-        return {"pixel_values": pv, **self._layouts.batch(grids, units)}
+    def pack(self, seqs: Sequence[TokenSequence | None], rows: int, units: int, shared: bool | None = None) -> dict:
+        out, row_seqs = self._pixels(seqs, rows, units, shared)
+        grids = [None if s is None else s.image_grid_thw for s in row_seqs]
+        return {**out, **self._layouts.batch(grids, units)}
 
 
-class _TileInputs:
+class _TileInputs(_VisionInputs):
     """InternVL: per row, ``units`` tiles (T, C, S, S) and ``image_flags`` (T,): 1 for the row's own
     tiles, 0 for padding (dropped before the language model)."""
 
@@ -282,19 +332,19 @@ class _TileInputs:
 
     def __init__(self, config):
         v = config.vision
-        self.tile_shape = (v.num_channels, v.image_size, v.image_size)
+        self.tile_shape = self.unit_shape = (v.num_channels, v.image_size, v.image_size)
 
-    def pack(self, seqs: Sequence[TokenSequence | None], rows: int, units: int) -> dict:
-        pv = np.zeros((rows, units, *self.tile_shape), np.float32)
+    def _check(self, s: TokenSequence) -> None:
+        if s.pixel_values.shape[1:] != self.tile_shape:
+            raise ValueError(f"tiles of shape {s.pixel_values.shape[1:]}, the model takes {self.tile_shape}")
+
+    def pack(self, seqs: Sequence[TokenSequence | None], rows: int, units: int, shared: bool | None = None) -> dict:
+        out, row_seqs = self._pixels(seqs, rows, units, shared)
         flags = np.zeros((rows, units), np.int32)
-        for i in range(rows):
-            s = seqs[i] if i < len(seqs) else None
-            if s is not None and s.pixel_values is not None:
-                if s.pixel_values.shape[1:] != self.tile_shape:
-                    raise ValueError(f"tiles of shape {s.pixel_values.shape[1:]}, the model takes {self.tile_shape}")
-                pv[i, : s.num_patches] = s.pixel_values
+        for i, s in enumerate(row_seqs):
+            if s is not None:
                 flags[i, : s.num_patches] = 1
-        return {"pixel_values": pv, "image_flags": flags}
+        return {**out, "image_flags": flags}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -370,8 +420,11 @@ class Scorer:
             rows = max([b for b in self.batch_buckets if b <= rows] or [1])
         return rows
 
-    def _pack(self, seqs: Sequence[TokenSequence | None], rows: int, length: int, patches: int) -> dict:
-        """Right-pad sequences into a (rows, length) batch (None / missing rows: dummy rows)."""
+    def _pack(self, seqs: Sequence[TokenSequence | None], rows: int, length: int, patches: int,
+              shared_pixels: bool | None = None) -> dict:
+        """Right-pad sequences into a (rows, length) batch (None / missing rows: dummy rows). Rows that
+        share one pixel array carry it once (``_VisionInputs``); ``shared_pixels`` forces that layout
+        (True) or the per-row one (False) -- what warm-up compiles."""
         ids = np.zeros((rows, length), np.int32)
         pos = np.zeros((3, rows, length), np.int32)
         seg = np.zeros((rows, length), np.int32)
@@ -382,7 +435,7 @@ class Scorer:
                 n = len(s)
                 ids[i, :n], pos[:, i, :n], seg[i, :n] = s.input_ids, s.position_ids, 1
         if patches:
-            batch.update(self._vision.pack(seqs, rows, patches))
+            batch.update(self._vision.pack(seqs, rows, patches, shared_pixels))
         return batch
 
     # -- scoring ---------------------------------------------------------------------------------
@@ -497,7 +550,8 @@ class Scorer:
                suffix_lengths: Sequence[int] | None = None, full: bool = True, shared: bool = True,
                text_only: bool = True, incremental: bool = False) -> int:
         """Compile (by running dummy batches) every bucket combination, or the given subsets:
-        ``full``: batch_sizes x lengths x (0 + patches); ``shared``: prefix_lengths x (0 + patches)
+        ``full``: batch_sizes x lengths x (0 + patches), with images in both layouts of the pixel rows
+        (each row's own, and one image shared by all rows: best-of-N candidates); ``shared``: prefix_lengths x (0 + patches)
         and batch_sizes x suffix_lengths x prefix_lengths. Values are rounded to their buckets; 0
         patches (the text-only variant) is included when ``text_only``. ``incremental`` (what
         ``PRM.incremental_scorer``, i.e. guided search, runs): the prefixes as for ``shared``, scoring
@@ -523,7 +577,9 @@ class Scorer:
             for p in ps:
                 for n in ls:
                     for b in bs:
-                        outs.append(self._fns.full(self.state, self._pack([], b, n, p)))
+                        outs.append(self._fns.full(self.state, self._pack([], b, n, p, shared_pixels=False)))
+                        if p and b > 1:  # rows sharing one image (best-of-N candidates of one problem)
+                            outs.append(self._fns.full(self.state, self._pack([], b, n, p, shared_pixels=True)))
         if shared:
             for pl in pls:
                 kv, past_seg = self._warm_prefix(pl, ps)

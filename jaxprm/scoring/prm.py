@@ -135,6 +135,7 @@ class PRM:
         self.prompt_style = get_prompt_style(prompt_style or model.spec.prompt_style)
         self.system_prompt = system_prompt or model.spec.system_prompt or self.prompt_style.system_prompt
         self.scorer = Scorer(model, **scorer_kwargs)
+        self._position_memo: dict = {}  # _positions: the positions through the last image token
         if max_length is None:
             max_length = self.scorer.length_buckets[-1]
         if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1:
@@ -188,12 +189,43 @@ class PRM:
         if self.internvl:  # 1D RoPE: 0..L-1 (the three M-RoPE rows equal)
             pos = np.broadcast_to(np.arange(len(ids), dtype=np.int32), (3, len(ids))).copy()
             return _Encoded(ids, pos, enc.label_positions.astype(np.int64), len(steps), pv, grid, enc.text)
+        return _Encoded(ids, self._positions(ids, grid), enc.label_positions.astype(np.int64), len(steps), pv, grid,
+                        enc.text)
+
+    def _rope_index(self, ids: np.ndarray, grid) -> np.ndarray:
+        cfg = self.config
         pos, _ = rope.get_rope_index(ids[None], image_token_id=cfg.image_token_id,
                                      video_token_id=cfg.video_token_id,
                                      spatial_merge_size=cfg.vision.spatial_merge_size, image_grid_thw=grid,
                                      tokens_per_second=cfg.tokens_per_second)
-        return _Encoded(ids, pos[:, 0].astype(np.int32), enc.label_positions.astype(np.int64), len(steps), pv, grid,
-                        enc.text)
+        return pos[:, 0].astype(np.int32)
+
+    def _positions(self, ids: np.ndarray, grid) -> np.ndarray:
+        """(3, L) M-RoPE positions of ``ids`` (``rope.get_rope_index``). The tokens through the last image
+        token (system turn, image(s), question: the same for every candidate of a problem) are computed
+        once per (tokens, grids) and memoised; the text after them counts on by one on every axis from
+        the position ``get_rope_index`` gives the first of them, exactly as it does."""
+        cfg = self.config
+        mm = ids == cfg.image_token_id
+        if cfg.video_token_id is not None:
+            mm |= ids == cfg.video_token_id
+        idx = np.flatnonzero(mm)
+        if len(idx) == 0 or int(idx[-1]) + 1 >= len(ids):
+            return self._rope_index(ids, grid)
+        n = int(idx[-1]) + 1  # tokens through the last image token; ids[n] is text
+        key = (ids[:n].tobytes(), None if grid is None else np.asarray(grid, np.int64).tobytes())
+        hit = self._position_memo.get(key)
+        if hit is None:
+            head = self._rope_index(ids[: n + 1], grid)  # through the first text token after the images
+            hit = (head[:, :n].copy(), int(head[0, n]))
+            if len(self._position_memo) >= 64:
+                self._position_memo.clear()
+            self._position_memo[key] = hit
+        head, start = hit
+        out = np.empty((3, len(ids)), np.int32)
+        out[:, :n] = head
+        out[:, n:] = np.arange(start, start + len(ids) - n, dtype=np.int32)
+        return out
 
     @staticmethod
     def _expand(e: _Encoded, probs: np.ndarray) -> np.ndarray:

@@ -55,7 +55,7 @@ def hf(tok, tmp_path_factory):
 @pytest.fixture(scope="module")
 def prm(hf):
     p = jaxprm.load_prm(hf[0], **BUCKETS)
-    assert p.warmup(text_only=False) == 5  # full x2 (rows 1, 4), prefix x1, suffix x2
+    assert p.warmup(text_only=False) == 6  # full x3 (rows 1, 4, and 4 sharing one image), prefix x1, suffix x2
     return p
 
 
