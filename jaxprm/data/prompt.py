@@ -508,21 +508,28 @@ class _SegmentTokenizer:
         self.disabled = False
 
     def __call__(self, text: str):
-        segs, at = [], 0
+        """(ids (n,) int64, offsets (n, 2) int64) of ``text``."""
+        cache, split = self.cache, self.split
+        pieces, at = [], 0  # (start, piece) in order
         for m in self.pattern.finditer(text):
             if m.start() > at:
-                segs.append((at, text[at:m.start()]))
-            segs.append((m.start(), m.group()))
+                pieces.append((at, text[at:m.start()]))
+            pieces.append((m.start(), m.group()))
             at = m.end()
         if at < len(text):
-            segs.append((at, text[at:]))
-        cache, got = self.cache, {}
-        for _, p in segs:
-            if p not in self.split and p not in got:
+            pieces.append((at, text[at:]))
+        got = {}
+        missing = []
+        for _, p in pieces:
+            if p not in got:
                 hit = cache.get(p)
-                if hit is not None:
-                    got[p] = hit
-        missing = [p for _, p in segs if p not in self.split and p not in got]
+                if hit is None:
+                    if p in split:
+                        hit = cache[p] = (np.asarray([split[p]], np.int64), np.asarray([[0, len(p)]], np.int64))
+                    else:
+                        missing.append(p)
+                        continue
+                got[p] = hit
         if missing:
             missing = list(dict.fromkeys(missing))
             enc = self.tokenizer(missing, add_special_tokens=False, return_offsets_mapping=True)
@@ -530,19 +537,13 @@ class _SegmentTokenizer:
                 cache.clear()
             for p, pid, off in zip(missing, enc["input_ids"], enc["offset_mapping"]):
                 got[p] = cache[p] = (np.asarray(pid, np.int64), np.asarray(off, np.int64).reshape(-1, 2))
-        ids, offs = [], []
-        for start, p in segs:
-            sid = self.split.get(p)
-            if sid is not None:
-                ids.append(np.asarray([sid], np.int64))
-                offs.append(np.asarray([[start, start + len(p)]], np.int64))
-            else:
-                pid, off = got[p]
-                ids.append(pid)
-                offs.append(off + start)
-        if not ids:
+        if not pieces:
             return np.zeros((0,), np.int64), np.zeros((0, 2), np.int64)
-        return np.concatenate(ids), np.concatenate(offs)
+        chunks = [got[p] for _, p in pieces]
+        ids = np.concatenate([c[0] for c in chunks])
+        offs = np.concatenate([c[1] for c in chunks])  # within each piece
+        shift = np.repeat(np.asarray([a for a, _ in pieces], np.int64), [len(c[0]) for c in chunks])
+        return ids, offs + shift[:, None]
 
 
 _SEGMENT_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
