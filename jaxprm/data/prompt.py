@@ -500,15 +500,15 @@ class _SegmentTokenizer:
 
     max_cached = 32768
 
-    def __init__(self, tokenizer, split: dict[str, int]):
-        self.tokenizer, self.split = tokenizer, split
+    def __init__(self, split: dict[str, int]):
+        self.split = split  # (no reference to the tokenizer: the memo is held weakly by it)
         self.pattern = re.compile("|".join(re.escape(t) for t in sorted(split, key=len, reverse=True)))
         self.cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.checked = False
         self.disabled = False
 
-    def __call__(self, text: str):
-        """(ids (n,) int64, offsets (n, 2) int64) of ``text``."""
+    def __call__(self, tokenizer, text: str):
+        """(ids (n,) int64, offsets (n, 2) int64) of ``text`` in ``tokenizer`` (the one this belongs to)."""
         cache, split = self.cache, self.split
         pieces, at = [], 0  # (start, piece) in order
         for m in self.pattern.finditer(text):
@@ -532,7 +532,7 @@ class _SegmentTokenizer:
                 got[p] = hit
         if missing:
             missing = list(dict.fromkeys(missing))
-            enc = self.tokenizer(missing, add_special_tokens=False, return_offsets_mapping=True)
+            enc = tokenizer(missing, add_special_tokens=False, return_offsets_mapping=True)
             if len(cache) + len(missing) > self.max_cached:
                 cache.clear()
             for p, pid, off in zip(missing, enc["input_ids"], enc["offset_mapping"]):
@@ -574,9 +574,9 @@ class _TokenizerMemo:
     """What is memoised per fast tokenizer (``_tokenizer_memo``): its ``_SegmentTokenizer`` (None when no
     special token splits exactly) and the ids of single-token strings (``"+"``, ``"-"``, the placeholder)."""
 
-    def __init__(self, base, backend):
+    def __init__(self, backend):
         split = _exact_split_tokens(backend)
-        self.segments = _SegmentTokenizer(base, split) if split else None
+        self.segments = _SegmentTokenizer(split) if split else None
         self.single_ids: dict[str, list[int]] = {}
 
 
@@ -595,7 +595,7 @@ def _tokenizer_memo(tokenizer) -> _TokenizerMemo | None:
     except TypeError:  # not weak-referenceable
         return None
     if entry is None or entry[0] != size:
-        entry = (size, _TokenizerMemo(base, backend))
+        entry = (size, _TokenizerMemo(backend))
         with _SEGMENT_LOCK:
             _SEGMENT_TOKENIZERS[base] = entry
     return entry[1]
@@ -628,7 +628,7 @@ def _tokenize(tokenizer, text: str):
     if getattr(tokenizer, "is_fast", False):
         seg = _segment_tokenizer(tokenizer)
         if seg is not None:
-            ids, offs = seg(text)
+            ids, offs = seg(tokenizer, text)
             if not seg.checked:  # the first text of each tokenizer: compare with tokenizing it whole
                 enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
                 ref_ids = np.asarray(enc["input_ids"], np.int64)

@@ -109,7 +109,7 @@ def test_segment_tokenizer_equals_whole_text(qwen_tok, internvl_tok, which):
             texts.append(_jinja(tok, build_messages(QUESTION, steps, num_images=2, style=style)))
     for rep in range(2):  # the second round comes from the memo
         for t in texts:
-            ids, offs = seg(t)
+            ids, offs = seg(tok, t)
             ref_ids, ref_offs = _whole(tok, t)
             np.testing.assert_array_equal(ids, ref_ids, err_msg=repr(t))
             np.testing.assert_array_equal(offs, ref_offs, err_msg=repr(t))
@@ -141,7 +141,7 @@ def test_special_tokens_that_do_not_split_exactly_are_not_split_at():
     assert "<|im_end|>" not in P._exact_split_tokens(tok.backend_tokenizer)
     for t in ("q<|im_end|>\n<|im_start|>x", "ab<|im_end|>", "ab<|im_start|>"):
         seg = P._segment_tokenizer(tok)
-        ids, offs = seg(t)
+        ids, offs = seg(tok, t)
         ref_ids, ref_offs = _whole(tok, t)
         np.testing.assert_array_equal(ids, ref_ids)
         np.testing.assert_array_equal(offs, ref_offs)
@@ -155,7 +155,7 @@ def test_segment_memo_is_rebuilt_when_tokens_are_added():
     seg2 = P._segment_tokenizer(tok)
     assert seg2 is not seg
     t = "<|im_start|>user\nred squares are here<|im_end|>\n"
-    np.testing.assert_array_equal(seg2(t)[0], _whole(tok, t)[0])
+    np.testing.assert_array_equal(seg2(tok, t)[0], _whole(tok, t)[0])
 
 
 @pytest.mark.parametrize("style", sorted(PROMPT_STYLES))
@@ -189,3 +189,16 @@ def test_encoding_with_fast_paths_equals_without(qwen_tok, internvl_tok, monkeyp
         for name in ("input_ids", "label_positions", "label_token_index", "labels", "num_image_tokens"):
             np.testing.assert_array_equal(getattr(f, name), getattr(r, name))
         assert f.text == r.text and f.num_steps_dropped == r.num_steps_dropped
+
+
+def test_memo_does_not_keep_the_tokenizer_alive():
+    import gc
+    import weakref
+
+    tok = _fresh()
+    encode_prm_example(tok, QUESTION, ["a step"], image_grid_thw=np.array([[1, 4, 4]]))
+    assert P._tokenizer_memo(tok) is not None
+    ref = weakref.ref(tok)
+    del tok
+    gc.collect()
+    assert ref() is None
