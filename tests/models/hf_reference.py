@@ -5,6 +5,8 @@ import numpy as np
 import torch
 import transformers
 
+from .reference_inputs import fill_random, image_rows, left_pad
+
 IMAGE, VIDEO, VSTART, VEND = 250, 251, 252, 253
 
 
@@ -26,15 +28,8 @@ def build_hf_model(config, seed: int = 0):
     """Random weights with non-trivial norms and biases (HF's init leaves those at 1 / 0)."""
     torch.manual_seed(seed)
     model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
-            if "norm" in name or "ln_q" in name:
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_(0.05 * noise)
-    return model
+    return fill_random(model, seed + 1,
+                       lambda name, noise: 1.0 + 0.1 * noise if "norm" in name or "ln_q" in name else 0.05 * noise)
 
 
 def save_hf(model, path, legacy_names: bool = False):
@@ -60,21 +55,13 @@ def make_inputs(grids, text_lens, seed=0, pad_to=None, merge=2, patch_dim=3 * 2 
     """One row per entry of ``text_lens`` (list of per-segment text lengths); images are placed
     between segments, consuming ``grids`` in order. Left-pads rows to equal length."""
     rng = np.random.default_rng(seed)
-    rows, it = [], iter(grids)
-    for segs in text_lens:
-        ids = []
-        for si, n in enumerate(segs):
-            ids += rng.integers(0, vocab, n).tolist()
-            if si < len(segs) - 1:
-                t, h, w = next(it)
-                ids += [VSTART] + [IMAGE] * (t * h * w // merge**2) + [VEND]
-        rows.append(ids)
-    length = max(len(r) for r in rows) if pad_to is None else pad_to
-    input_ids = np.zeros((len(rows), length), np.int64)
-    mask = np.zeros((len(rows), length), np.int64)
-    for i, r in enumerate(rows):
-        input_ids[i, length - len(r):] = r
-        mask[i, length - len(r):] = 1
+    it = iter(grids)
+
+    def next_image():
+        t, h, w = next(it)
+        return [VSTART] + [IMAGE] * (t * h * w // merge**2) + [VEND]
+
+    input_ids, mask = left_pad(image_rows(rng, text_lens, vocab, next_image), pad_to)
     grid = np.asarray(grids, np.int64).reshape(-1, 3)
     n_patches = int(grid.prod(-1).sum())
     pixel_values = rng.standard_normal((n_patches, patch_dim)).astype(np.float32)

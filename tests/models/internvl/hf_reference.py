@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import transformers
 
+from ..reference_inputs import fill_random, image_rows, left_pad
+
 IMG_START, IMG_END, IMG_CONTEXT = 247, 248, 250
 TILE = 56  # px: 4x4 patches of 14 px -> 4 tokens per tile after the pixel shuffle
 TOKENS_PER_TILE = 4
@@ -34,21 +36,19 @@ def build_hf_model(config, seed: int = 0, bf16_values: bool = False):
     0.1); with ``bf16_values`` every weight is rounded to a bf16-representable value."""
     torch.manual_seed(seed)
     model = transformers.InternVLForConditionalGeneration(config).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
-            if "norm" in name and "weight" in name:
-                p.copy_(1.0 + 0.1 * noise)
-            elif "lambda" in name:
-                p.copy_(0.5 + 0.2 * noise)
-            elif "position_embeddings" in name or "cls_token" in name:
-                p.copy_(0.5 * noise)
-            else:
-                p.copy_(0.05 * noise)
-            if bf16_values:
-                p.copy_(p.to(torch.bfloat16).to(torch.float32))
-    return model
+
+    def value(name, noise):
+        if "norm" in name and "weight" in name:
+            x = 1.0 + 0.1 * noise
+        elif "lambda" in name:
+            x = 0.5 + 0.2 * noise
+        elif "position_embeddings" in name or "cls_token" in name:
+            x = 0.5 * noise
+        else:
+            x = 0.05 * noise
+        return x.to(torch.bfloat16).to(torch.float32) if bf16_values else x
+
+    return fill_random(model, seed + 1, value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,20 +227,9 @@ def make_inputs(rows, tiles, seed=0, vocab=240, tokens_per_tile=TOKENS_PER_TILE,
     the tile count of each image in order). Left-pads rows to equal length. Returns
     (input_ids, attention_mask, pixel_values (sum(tiles), 3, tile, tile))."""
     rng = np.random.default_rng(seed)
-    out, it = [], iter(tiles)
-    for segs in rows:
-        ids = []
-        for si, n in enumerate(segs):
-            ids += rng.integers(0, vocab, n).tolist()
-            if si < len(segs) - 1:
-                ids += [IMG_START] + [IMG_CONTEXT] * (next(it) * tokens_per_tile) + [IMG_END]
-        out.append(ids)
-    length = max(len(r) for r in out)
-    input_ids = np.zeros((len(out), length), np.int64)
-    mask = np.zeros((len(out), length), np.int64)
-    for i, r in enumerate(out):
-        input_ids[i, length - len(r):] = r
-        mask[i, length - len(r):] = 1
+    it = iter(tiles)
+    input_ids, mask = left_pad(image_rows(
+        rng, rows, vocab, lambda: [IMG_START] + [IMG_CONTEXT] * (next(it) * tokens_per_tile) + [IMG_END]))
     pv = rng.standard_normal((int(sum(tiles)), 3, tile, tile)).astype(np.float32)
     return input_ids, mask, pv
 
