@@ -130,6 +130,12 @@ def row_id(row: dict, where: str, keys: tuple[str, ...] = ("id", "uid", "rollout
     return row_name(where)
 
 
+def require_object(row: Any) -> None:
+    """A row must be a JSON object (before it has an id to name)."""
+    if not isinstance(row, dict):
+        raise RecordError(f"record '<no id>': a row must be an object, got {type(row).__name__}")
+
+
 # -- the import loop -------------------------------------------------------------------------------
 def fail(rid: Any, field: str, msg: str) -> RecordError:
     rid = rid if isinstance(rid, str) and rid else "<no id>"
@@ -278,6 +284,20 @@ def optional_str(v: Any) -> str | None:
     if isinstance(v, float) and math.isnan(v):
         return None
     return v if isinstance(v, str) else str(v)
+
+
+def question_record(row: dict, rid: str, steps: list, *, source: str, meta: dict) -> Record:
+    """A ``Record`` of ``steps`` from a row's ``question`` (required; ``<image>`` placeholders removed),
+    ``image`` and ``answer`` (optional) columns, as VisualPRM's datasets store them."""
+    return Record(
+        id=rid,
+        question=strip_image_tokens(require_str(row, "question", rid)),
+        steps=steps,
+        images=images_from(row.get("image"), rid, "image"),
+        answer=optional_str(row.get("answer")),
+        source=source,
+        meta=meta,
+    )
 
 
 def as_count(v: Any, rid: str, field: str) -> int | None:

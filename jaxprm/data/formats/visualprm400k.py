@@ -51,15 +51,15 @@ from jaxprm.data.formats._common import (
     fail,
     images_from,
     mc_counts,
-    optional_str,
-    require_str,
+    question_record,
+    require_object,
     resolve_label_rule,
     row_id as _row_id,
     run_import,
     split_question,
     strip_image_tokens,
 )
-from jaxprm.data.schema import REASONING, Record, RecordError, Step
+from jaxprm.data.schema import REASONING, Record, Step
 
 SOURCE = "visualprm400k"
 
@@ -113,21 +113,11 @@ def _raw_to_record(row: dict, where: str, rid: str, mc_total: int | None) -> Rec
         meta["empty_steps_dropped"] = dropped
     if row.get("num_mc_sequences") is not None:
         meta["num_mc_sequences"] = as_count(row["num_mc_sequences"], rid, "num_mc_sequences")
-    rec = Record(
-        id=rid,
-        question=strip_image_tokens(require_str(row, "question", rid)),
-        steps=steps,
-        images=images_from(row.get("image"), rid, "image"),
-        answer=optional_str(row.get("answer")),
-        source=SOURCE,
-        meta=meta,
-    )
-    return rec
+    return question_record(row, rid, steps, source=SOURCE, meta=meta)
 
 
 def _to_record(row: Any, where: str, *, mc_total, label_fn) -> Record:
-    if not isinstance(row, dict):
-        raise RecordError(f"record '<no id>': a row must be an object, got {type(row).__name__}")
+    require_object(row)
     rid = _row_id(row, where, keys=("id",))
     if "conversations" in row:
         rec = _conv_to_record(row, where, rid)

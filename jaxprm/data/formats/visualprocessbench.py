@@ -27,24 +27,18 @@ from jaxprm.data.formats._common import (
     ImportStats,
     RowError,
     fail,
-    images_from,
     iter_rows,
     located,
     optional_str,
-    require_str,
+    question_record,
+    require_object,
     resolve_label_rule,
     row_id as _row_id,
     run_import,
-    strip_image_tokens,
 )
 from jaxprm.data.schema import NEGATIVE, POSITIVE, REASONING, Record, RecordError, Step
 
 SOURCE = "visualprocessbench"
-
-
-def _check_object(row: Any) -> None:
-    if not isinstance(row, dict):
-        raise RecordError(f"record '<no id>': a row must be an object, got {type(row).__name__}")
 
 
 def _response(row: dict, rid: str) -> dict:
@@ -74,7 +68,7 @@ def _response(row: dict, rid: str) -> dict:
 
 
 def _to_record(row: Any, where: str, *, neutral_label, neutral, label_fn) -> Record:
-    _check_object(row)
+    require_object(row)
     rid = _row_id(row, where, keys=("id",))
     resp = _response(row, rid)
     pc = resp["process_correctness"]
@@ -86,15 +80,7 @@ def _to_record(row: Any, where: str, *, neutral_label, neutral, label_fn) -> Rec
         v = optional_str(row.get(k))
         if v is not None:
             meta[k] = v
-    rec = Record(
-        id=rid,
-        question=strip_image_tokens(require_str(row, "question", rid)),
-        steps=steps,
-        images=images_from(row.get("image"), rid, "image"),
-        answer=optional_str(row.get("answer")),
-        source=SOURCE,
-        meta=meta,
-    )
+    rec = question_record(row, rid, steps, source=SOURCE, meta=meta)
     return label_fn(rec) if label_fn else rec
 
 
@@ -133,7 +119,7 @@ def read_visualprocessbench_rows(path: str | os.PathLike) -> list[dict]:
         try:
             if isinstance(row, RowError):
                 raise row
-            _check_object(row)
+            require_object(row)
             row["response"] = _response(row, _row_id(row, where, keys=("id",)))
         except RecordError as e:
             raise RecordError(located(where, e)) from None

@@ -77,6 +77,7 @@ from jaxprm.data.formats._common import (
     mc_counts,
     optional_str,
     parse_listish,
+    require_object,
     require_str,
     resolve_label_rule,
     row_id as _row_id,
@@ -85,7 +86,7 @@ from jaxprm.data.formats._common import (
     strip_image_tokens,
     turn_text,
 )
-from jaxprm.data.schema import PERCEPTION, REASONING, STEP_KINDS, Record, RecordError, Step
+from jaxprm.data.schema import PERCEPTION, REASONING, STEP_KINDS, Record, Step
 from jaxprm.data.solution import clean_step, clean_step_with_kind, mark_up_steps, split_tagged_steps
 
 SOURCE = "vlprm300k"
@@ -173,8 +174,7 @@ def _sections_from_step_text(texts: list[str]) -> int | None:
 
 def _raw_to_record(row: Any, where: str, *, mc_total, image_column, unknown_kind, label_fn,
                    step_text: str = "vlprm") -> Record:
-    if not isinstance(row, dict):
-        raise RecordError(f"record '<no id>': a row must be an object, got {type(row).__name__}")
+    require_object(row)
     rid = _row_id(row, where)
     qkey = "question" if "question" in row else "rollout_question"
     # the raw question is the full policy prompt; only "<image>" placeholders are removed
@@ -315,8 +315,7 @@ def read_vlprm300k(
 
 # -- training (chat messages) ----------------------------------------------------------------------------
 def _train_to_record(row: Any, where: str, *, unknown_kind, label_fn, step_text: str = "published") -> Record:
-    if not isinstance(row, dict):
-        raise RecordError(f"record '<no id>': a row must be an object, got {type(row).__name__}")
+    require_object(row)
     rid = _row_id(row, where)
     key = "messages" if "messages" in row else "conversations"
     msgs = row.get(key)
