@@ -585,21 +585,9 @@ class OpenAIChatClient:
             self.retries += attempts - 1
         return attempts
 
-    def chat(
-        self,
-        messages: Sequence[dict],
-        temperature: float | None = None,
-        top_p: float | None = None,
-        max_tokens: int | None = None,
-        n: int = 1,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
-        **extra: Any,
-    ) -> list[str]:
-        """The text of each returned choice, ordered by choice index."""
-        response = self.chat_completion(
-            messages, temperature=temperature, top_p=top_p, max_tokens=max_tokens, n=n, stop=stop, seed=seed, **extra
-        )
+    def chat(self, messages: Sequence[dict], *args: Any, **kwargs: Any) -> list[str]:
+        """The text of each returned choice, ordered by choice index. Arguments as for ``chat_completion``."""
+        response = self.chat_completion(messages, *args, **kwargs)
         ordered = sorted(enumerate(response.choices), key=lambda ic: (ic[0] if ic[1].index is None else ic[1].index))
         texts = []
         for _, choice in ordered:
