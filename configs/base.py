@@ -53,10 +53,20 @@ def get_config():
     c.data.eval_split = "validation"
     c.data.seq_buckets = (1024, 2048)
     c.data.patch_buckets = (1024, 4096)
-    c.data.max_steps = 32  # label slots per row
+    c.data.max_steps = 32  # label slots per row (and the most steps an example keeps)
     c.data.max_images = 4
-    c.data.packing = False
+    c.data.packing = False  # several examples per row (segment ids)
+    # lookahead packing: the loader holds pack_buffer x (rows per host) examples and builds each batch from
+    # them, rows filled close to the bucket in tokens and patches (jaxprm.data.pipeline.plan_batch);
+    # 0: fill rows in arrival order
+    c.data.pack_buffer = 0.0
+    # pixel_values of the batches: "auto" = model.dtype when that is bfloat16 (the vision tower casts its
+    # input to model.dtype first, so the values it computes with are the same) else float32 | float32 | bfloat16
+    c.data.pixel_dtype = "auto"
+    # Grain worker processes per host; -1 = "auto": ceil(workers_per_chip x local chips), at most the
+    # host's CPUs - 1 (bench/pipeline_bench.py measures workers_per_chip)
     c.data.worker_count = 0
+    c.data.workers_per_chip = 0.0
     c.data.min_pixels = 0  # 0: the image processor's own setting
     c.data.max_pixels = 0
     c.data.max_tiles = 0  # InternVL: tiles per image (0: the checkpoint's max_dynamic_patch, 12 for the released)

@@ -17,4 +17,7 @@ def get_config():
     # ~14 bytes/param (~107 GB for 7B): shard over several devices (fsdp). For ONE 80 GB card use
     # configs/qwen2_5_vl_7b_one_card.py (bf16 weights with stochastic rounding).
     c.optim.mu_dtype = "bfloat16"
+    # the 3B data settings (lookahead packing, bf16 pixels); a 7B step (~8.3e9 params with the vision
+    # tower) takes ~2.7x fewer examples/s than the 3B's, so fewer worker processes keep a chip fed
+    c.data.workers_per_chip = 0.25
     return c

@@ -121,6 +121,14 @@ def validate_train_config(c) -> None:
          f"data.allow_images_outside_root must be True or False, got {d.allow_images_outside_root!r}")
     need(int(d.get("max_tiles", 0)) >= 0, f"data.max_tiles must be >= 0 (0: the image processor's), got {d.get('max_tiles')}")
     need(0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    p.choice("data.pixel_dtype", d.get("pixel_dtype", "auto"), ("auto", "float32", "bfloat16"))
+    need(int(d.worker_count) >= -1, f"data.worker_count must be >= 0, or -1 for auto, got {d.worker_count}")
+    need(float(d.get("workers_per_chip", 0.0)) >= 0,
+         f"data.workers_per_chip must be >= 0, got {d.get('workers_per_chip')}")
+    need(int(d.worker_count) != -1 or float(d.get("workers_per_chip", 0.0)) > 0,
+         "data.worker_count=-1 (auto) needs data.workers_per_chip > 0 (bench/pipeline_bench.py measures it)")
+    need(float(d.get("pack_buffer", 0)) >= 0,
+         f"data.pack_buffer must be >= 0 (examples held per batch row; 0: no lookahead), got {d.get('pack_buffer')}")
     need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     need(0 <= o.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")
     p.choice("optim.schedule", o.schedule, SCHEDULES)

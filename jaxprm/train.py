@@ -337,13 +337,20 @@ def pipeline_config(c, *, train: bool, seed: int):
     from jaxprm.data.pipeline import PipelineConfig
     from jaxprm.data.prompt import encode_mode
 
+    from jaxprm.data.pipeline import auto_worker_count, resolve_pixel_dtype
+
     d = c.data
+    rows = (c.train.batch_size if train else max(c.train.batch_size // c.train.grad_accum, 1)) // jax.process_count()
+    workers = int(d.worker_count)
+    if workers < 0:
+        workers = auto_worker_count(float(d.get("workers_per_chip", 0.0)))
+    pack_buffer = float(d.get("pack_buffer", 0))
     return PipelineConfig(
-        prompt_style=prompt_style(c), system_prompt=c.model.system_prompt or None,
-        batch_size=(c.train.batch_size if train else max(c.train.batch_size // c.train.grad_accum, 1)) // jax.process_count(),
+        prompt_style=prompt_style(c), system_prompt=c.model.system_prompt or None, batch_size=rows,
         seq_buckets=tuple(d.seq_buckets), patch_buckets=tuple(d.patch_buckets), max_steps=d.max_steps,
-        max_images=d.max_images, packing=d.packing, seed=seed, shuffle=train,
-        num_epochs=c.train.epochs if train else 1, drop_remainder=train, worker_count=d.worker_count,
+        max_images=d.max_images, packing=d.packing, pack_buffer=max(rows, int(np.ceil(pack_buffer * rows))) if pack_buffer > 0 else 0,
+        pixel_dtype=resolve_pixel_dtype(d.get("pixel_dtype", "auto"), c.model.dtype), seed=seed, shuffle=train,
+        num_epochs=c.train.epochs if train else 1, drop_remainder=train, worker_count=workers,
         label_mode=encode_mode(c.model.history, train=train))
 
 
@@ -504,6 +511,7 @@ def train(c, *, step_hook=None) -> dict:
         log.info("step %d eval %s", step, fmt(ev))
 
     step = start
+    data_mark = train_iter.stats.state_dict()  # the loader's counters at the start of the log window
     stopped_by = 0  # the signal all hosts agreed to stop on (0: not stopped)
     with _Stop() as stop:
         while True:
@@ -539,6 +547,11 @@ def train(c, *, step_hook=None) -> dict:
             metrics_log.add(metrics)
             if step % c.train.log_every == 0 or step == total_steps:
                 final.update(metrics_log.log_train(step))
+                # how full the window's batches were (real / carried tokens, patches, label slots): console + TensorBoard
+                data_eff = train_iter.stats.efficiency(since=data_mark)
+                data_mark = train_iter.stats.state_dict()
+                metrics_log.write(step, data_eff)
+                log.info("step %d %s", step, fmt(data_eff))
             if has_eval and step % c.train.eval_every == 0 and step < total_steps:
                 run_eval(step)
             if step % c.train.save_every == 0:

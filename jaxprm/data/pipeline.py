@@ -167,6 +167,10 @@ class PipelineConfig:
     max_length: int | None = None  # token cap per example (default and upper bound: max(seq_buckets))
     packing: bool = False  # pack several examples per row (segment ids 1..k)
     max_examples_per_row: int = 8  # K when packing
+    # lookahead packing: hold this many examples and build each batch from them (``plan_batch``): rows
+    # filled close to the bucket in tokens AND patches, the bucket chosen per batch to fit; also without
+    # packing (then it groups examples of like size into a batch). 0 = stream first-fit in arrival order
+    pack_buffer: int = 0
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = 1  # None: repeat forever
@@ -219,11 +223,14 @@ class PipelineConfig:
             pos_int("max_length", self.max_length)
         if self.num_epochs is not None:
             pos_int("num_epochs", self.num_epochs)
-        for name in ("worker_count", "num_threads", "prefetch_buffer_size", "systemic_skip_limit"):
+        for name in ("worker_count", "num_threads", "prefetch_buffer_size", "systemic_skip_limit", "pack_buffer"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"PipelineConfig.{name} must be an int >= 0, got {v!r}")
         pos_int("worker_buffer_size", self.worker_buffer_size)
+        if self.pack_buffer and self.pack_buffer < self.batch_size:
+            raise ValueError(f"pack_buffer must be 0 or >= batch_size={self.batch_size} (it holds the examples a batch "
+                             f"is chosen from), got {self.pack_buffer}")
         if self.label_mode not in ("train", "score"):
             raise ValueError(f"label_mode must be 'train' or 'score', got {self.label_mode!r}")
         get_prompt_style(self.prompt_style)  # raises ValueError naming the styles
@@ -236,6 +243,38 @@ class PipelineConfig:
         if self.shard_count is not None and not 0 <= self.shard_index < self.shard_count:
             raise ValueError(f"need 0 <= shard_index < shard_count, got {self.shard_index}, {self.shard_count}")
         return self
+
+
+def resolve_pixel_dtype(pixel_dtype: str, model_dtype: str) -> str:
+    """``data.pixel_dtype`` -> ``PipelineConfig.pixel_dtype``: "auto" is bfloat16 when the model computes
+    in bfloat16 (both vision towers cast ``pixel_values`` to the compute dtype before anything else, so
+    bfloat16 pixels give the same values at half the host memory and transfer), else float32."""
+    if pixel_dtype != "auto":
+        return pixel_dtype
+    return "bfloat16" if str(model_dtype) == "bfloat16" else "float32"
+
+
+def auto_worker_count(workers_per_chip: float, local_chips: int | None = None, cpus: int | None = None) -> int:
+    """``data.worker_count = -1``: ``ceil(workers_per_chip x local chips)`` worker processes, at most the
+    host's CPUs minus one (the training loop's); 0 when ``workers_per_chip`` is 0. Logs when the CPUs
+    are too few to keep the chips fed at the rate ``workers_per_chip`` was measured for."""
+    import math
+
+    if workers_per_chip <= 0:
+        return 0
+    if local_chips is None:
+        import jax
+
+        local_chips = jax.local_device_count()
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    need = math.ceil(workers_per_chip * local_chips - 1e-9)
+    n = max(0, min(need, cpus - 1))
+    if n < need:
+        log.warning("pipeline: %d worker processes would keep %d chip(s) fed (%.2f per chip), but this host has %d "
+                    "CPUs: using %d; the input pipeline may be the bottleneck", need, local_chips, workers_per_chip,
+                    cpus, n)
+    return n
 
 
 def bucket_shapes(cfg: PipelineConfig) -> list[tuple[int, int]]:
@@ -317,6 +356,7 @@ class ExampleTransform:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.cfg = cfg
+        self.pixel_dtype = float_dtype(cfg.pixel_dtype)
         self.internvl = is_internvl(model_config)
         if self.internvl:  # tiles, InternVL's template, 1D positions (``_transform_internvl``)
             self.tile_shape = _tile_shape(model_config)
@@ -389,7 +429,8 @@ class ExampleTransform:
             return rec
         rid = rec.id
         if vis is not None:
-            pixel_values = np.asarray(vis["pixel_values"], np.float32)
+            # in the batch's dtype already: half the memory per buffered example with bfloat16, same values
+            pixel_values = np.asarray(vis["pixel_values"], np.float32).astype(self.pixel_dtype, copy=False)
             grids = np.asarray(vis["image_grid_thw"], np.int64).reshape(-1, 3)
         else:
             pixel_values = np.zeros((0, self.patch_dim), np.float32)
@@ -430,7 +471,7 @@ class ExampleTransform:
             return rec
         rid = rec.id
         if vis is not None:
-            tiles = np.asarray(vis["pixel_values"], np.float32)
+            tiles = np.asarray(vis["pixel_values"], np.float32).astype(self.pixel_dtype, copy=False)
             per_image = np.asarray(vis["num_patches"], np.int64).reshape(-1)
         else:
             tiles = np.zeros((0, *self.tile_shape), np.float32)
@@ -496,94 +537,41 @@ def _smallest(buckets: Sequence[int], need: int) -> int:
     raise ValueError(f"{need} exceeds the largest bucket {max(buckets)}")
 
 
-class BatchAssembler:
-    """Turns rows of examples into one fixed-shape batch (see the module docstring)."""
+class _AssemblerBase:
+    """Rows of examples -> one fixed-shape batch: the text, label and bookkeeping arrays every backbone
+    shares, filled once here; subclasses add their vision arrays (``_vision_arrays``), what each
+    example's images write besides its pixels (``_put_images``) and any per-batch layout (``_finish``)."""
 
-    def __init__(self, cfg: PipelineConfig, model_config, pad_token_id: int):
-        v = model_config.vision
+    position_rows = 3  # M-RoPE (t, h, w); InternVL: 1
+
+    def __init__(self, cfg: PipelineConfig, pad_token_id: int):
         self.cfg = cfg
-        self.patch_dim = int(v.patch_dim)
         self.pad_token_id = int(pad_token_id)
         self.pixel_dtype = float_dtype(cfg.pixel_dtype)
-        # rows rarely repeat their images, so only a few layouts (the empty ones) are worth keeping
-        self.layouts = VisionLayouts(v, max_cached=16)
+
+    def _vision_arrays(self, b: int, p: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _put_images(self, out: dict, r: int, poff: int, npat: int, ioff: int, ex: dict) -> int:
+        """Write ``ex``'s per-image entries of row ``r`` (its patches start at ``poff``); returns its image count."""
+        raise NotImplementedError
+
+    def _finish(self, out: dict, p: int) -> None:
+        pass
 
     def __call__(self, rows: list[_Row]) -> dict[str, np.ndarray]:
         cfg = self.cfg
-        b, s, i, k = cfg.batch_size, cfg.max_steps, cfg.max_images, cfg.examples_per_row
+        b, s, k = cfg.batch_size, cfg.max_steps, cfg.examples_per_row
         l = _smallest(cfg.seq_buckets, max(r.tokens for r in rows))
         p = _smallest(cfg.patch_buckets, max(r.patches for r in rows))
         out = {
             "input_ids": np.full((b, l), self.pad_token_id, np.int32),
             "segment_ids": np.zeros((b, l), np.int32),
-            "position_ids": np.zeros((3, b, l), np.int32),
+            "position_ids": np.zeros((self.position_rows, b, l), np.int32),
             "label_positions": np.zeros((b, s), np.int32),
             "labels": np.full((b, s), -1, np.int32),
             "label_segment_ids": np.zeros((b, s), np.int32),
-            "pixel_values": np.zeros((b, p, self.patch_dim), self.pixel_dtype),
-            "image_grid_thw": np.zeros((b, i, 3), np.int32),
-            "num_images": np.zeros((b,), np.int32),
-            "num_patches": np.zeros((b,), np.int32),
-            "num_tokens": np.zeros((b,), np.int32),
-            "num_examples": np.zeros((b,), np.int32),
-            "record_index": np.full((b, k), -1, np.int32),
-        }
-        row_grids = []
-        for r in range(b):
-            row = rows[r] if r < len(rows) else None
-            grids = []
-            if row is not None:
-                off = poff = soff = 0
-                for j, ex in enumerate(row.examples):
-                    n = len(ex["input_ids"])
-                    out["input_ids"][r, off:off + n] = ex["input_ids"]
-                    out["segment_ids"][r, off:off + n] = j + 1
-                    out["position_ids"][:, r, off:off + n] = ex["position_ids"]
-                    m = len(ex["labels"])
-                    out["label_positions"][r, soff:soff + m] = ex["label_positions"] + off
-                    out["labels"][r, soff:soff + m] = ex["labels"]
-                    out["label_segment_ids"][r, soff:soff + m] = j + 1
-                    npat = len(ex["pixel_values"])
-                    if npat:
-                        out["pixel_values"][r, poff:poff + npat] = ex["pixel_values"]
-                    grids.append(ex["image_grid_thw"])
-                    out["record_index"][r, j] = ex["record_index"]
-                    off, poff, soff = off + n, poff + npat, soff + m
-                out["num_tokens"][r] = off
-                out["num_patches"][r] = poff
-                out["num_examples"][r] = len(row.examples)
-            g = np.concatenate(grids, 0) if grids else np.zeros((0, 3), np.int32)
-            out["image_grid_thw"][r, : len(g)] = g
-            out["num_images"][r] = len(g)
-            row_grids.append(g)
-        out.update(self.layouts.batch(row_grids, p))
-        return out
-
-
-class TileBatchAssembler:
-    """InternVL: rows of examples -> one fixed-shape batch of tiles (see "InternVL batches")."""
-
-    def __init__(self, cfg: PipelineConfig, model_config, pad_token_id: int):
-        self.cfg = cfg
-        self.tile_shape = _tile_shape(model_config)
-        self.pad_token_id = int(pad_token_id)
-        self.pixel_dtype = float_dtype(cfg.pixel_dtype)
-
-    def __call__(self, rows: list[_Row]) -> dict[str, np.ndarray]:
-        cfg = self.cfg
-        b, s, i, k = cfg.batch_size, cfg.max_steps, cfg.max_images, cfg.examples_per_row
-        l = _smallest(cfg.seq_buckets, max(r.tokens for r in rows))
-        p = _smallest(cfg.patch_buckets, max(r.patches for r in rows))
-        out = {
-            "input_ids": np.full((b, l), self.pad_token_id, np.int32),
-            "segment_ids": np.zeros((b, l), np.int32),
-            "position_ids": np.zeros((1, b, l), np.int32),
-            "label_positions": np.zeros((b, s), np.int32),
-            "labels": np.full((b, s), -1, np.int32),
-            "label_segment_ids": np.zeros((b, s), np.int32),
-            "pixel_values": np.zeros((b, p, *self.tile_shape), self.pixel_dtype),
-            "image_flags": np.zeros((b, p), np.int32),
-            "image_tiles": np.zeros((b, i), np.int32),
+            **self._vision_arrays(b, p),
             "num_images": np.zeros((b,), np.int32),
             "num_patches": np.zeros((b,), np.int32),
             "num_tokens": np.zeros((b,), np.int32),
@@ -601,18 +589,140 @@ class TileBatchAssembler:
                 out["label_positions"][r, soff:soff + m] = ex["label_positions"] + off
                 out["labels"][r, soff:soff + m] = ex["labels"]
                 out["label_segment_ids"][r, soff:soff + m] = j + 1
-                nt = len(ex["pixel_values"])
-                out["pixel_values"][r, poff:poff + nt] = ex["pixel_values"]
-                out["image_flags"][r, poff:poff + nt] = 1
-                ni = len(ex["image_tiles"])
-                out["image_tiles"][r, ioff:ioff + ni] = ex["image_tiles"]
+                npat = len(ex["pixel_values"])
+                if npat:
+                    out["pixel_values"][r, poff:poff + npat] = ex["pixel_values"]
+                ioff += self._put_images(out, r, poff, npat, ioff, ex)
                 out["record_index"][r, j] = ex["record_index"]
-                off, poff, soff, ioff = off + n, poff + nt, soff + m, ioff + ni
+                off, poff, soff = off + n, poff + npat, soff + m
             out["num_tokens"][r] = off
             out["num_patches"][r] = poff
             out["num_images"][r] = ioff
             out["num_examples"][r] = len(row.examples)
+        self._finish(out, p)
         return out
+
+
+class BatchAssembler(_AssemblerBase):
+    """Qwen2.5-VL: rows of examples -> one fixed-shape batch (see the module docstring)."""
+
+    def __init__(self, cfg: PipelineConfig, model_config, pad_token_id: int):
+        super().__init__(cfg, pad_token_id)
+        v = model_config.vision
+        self.patch_dim = int(v.patch_dim)
+        # rows rarely repeat their images, so only a few layouts (the empty ones) are worth keeping
+        self.layouts = VisionLayouts(v, max_cached=16)
+
+    def _vision_arrays(self, b: int, p: int) -> dict[str, np.ndarray]:
+        return {"pixel_values": np.zeros((b, p, self.patch_dim), self.pixel_dtype),
+                "image_grid_thw": np.zeros((b, self.cfg.max_images, 3), np.int32)}
+
+    def _put_images(self, out, r, poff, npat, ioff, ex) -> int:
+        g = ex["image_grid_thw"]
+        out["image_grid_thw"][r, ioff:ioff + len(g)] = g
+        return len(g)
+
+    def _finish(self, out, p) -> None:
+        grids = [out["image_grid_thw"][r, :n] for r, n in enumerate(out["num_images"])]
+        out.update(self.layouts.batch(grids, p))
+
+
+class TileBatchAssembler(_AssemblerBase):
+    """InternVL: rows of examples -> one fixed-shape batch of tiles (see "InternVL batches")."""
+
+    position_rows = 1
+
+    def __init__(self, cfg: PipelineConfig, model_config, pad_token_id: int):
+        super().__init__(cfg, pad_token_id)
+        self.tile_shape = _tile_shape(model_config)
+
+    def _vision_arrays(self, b: int, p: int) -> dict[str, np.ndarray]:
+        return {"pixel_values": np.zeros((b, p, *self.tile_shape), self.pixel_dtype),
+                "image_flags": np.zeros((b, p), np.int32),
+                "image_tiles": np.zeros((b, self.cfg.max_images), np.int32)}
+
+    def _put_images(self, out, r, poff, npat, ioff, ex) -> int:
+        out["image_flags"][r, poff:poff + npat] = 1
+        t = ex["image_tiles"]
+        out["image_tiles"][r, ioff:ioff + len(t)] = t
+        return len(t)
+
+
+# ------------------------------------------------------------------------------------------------
+# Lookahead ("balanced") packing: which pending examples make up the next batch
+# ------------------------------------------------------------------------------------------------
+# What a vision patch costs relative to an LM token in a training step, used only to rank the buckets
+# a batch could take: Qwen2.5-VL's ViT (~0.67B params) runs on every patch, the 3B LM (~2.8B
+# non-embedding params) on every token, so a patch costs ~1/4 of a token (~1/10 on the 7B).
+PATCH_COST = 0.25
+
+
+def plan_batch(sizes: np.ndarray, forced: np.ndarray, cfg: PipelineConfig) -> list[list[int]]:
+    """Choose the examples of one batch from a buffer of pending ones and group them into rows.
+
+    ``sizes``: (N, 4) int of each pending example's (tokens, patches, steps, images); ``forced``: (N,) bool,
+    examples that must be in this batch (they have waited long enough). Returns up to ``batch_size`` rows
+    of indices into ``sizes``.
+
+    For every bucket (L, P) of ``bucket_shapes(cfg)`` it fills the rows one at a time: a row starts with
+    the oldest forced example left, else the largest example (tokens / L or patches / P, whichever is
+    larger: first-fit decreasing on the dominant resource); with packing it then takes, while one fits,
+    the example that leaves the row's token and patch fill most even (a text-heavy example after an
+    image-heavy one), ties to the fuller row. The bucket whose rows are fullest wins (real tokens +
+    ``PATCH_COST`` x real patches over the same of the bucket); buckets that cannot hold every forced
+    example are not considered. Deterministic in the buffer's contents and order.
+    """
+    sizes = np.asarray(sizes, np.int64).reshape(-1, 4)
+    n = len(sizes)
+    tok, pat, stp, img = sizes.T
+    forced = np.asarray(forced, bool)
+    b, k, s_cap, i_cap = cfg.batch_size, cfg.examples_per_row, cfg.max_steps, cfg.max_images
+    order = np.arange(n)
+
+    def fill(l_cap: int, p_cap: int, forced: np.ndarray):
+        ok = (tok <= l_cap) & (pat <= p_cap)
+        if not ok.any() or (forced & ~ok).any():
+            return None, -1.0
+        ft, fp = tok / l_cap, pat / p_cap
+        dominant = np.maximum(ft, fp)
+        avail = ok.copy()
+        rows, used_t, used_p = [], 0, 0
+        for _ in range(b):
+            if not avail.any():
+                break
+            cand = avail & forced
+            if cand.any():
+                first = int(order[cand][0])
+            else:
+                first = int(np.argmax(np.where(avail, dominant, -1.0)))
+            row = [first]
+            avail[first] = False
+            rt, rp, rs, ri = int(tok[first]), int(pat[first]), int(stp[first]), int(img[first])
+            while len(row) < k:
+                fits = avail & (tok <= l_cap - rt) & (pat <= p_cap - rp) & (stp <= s_cap - rs) & (img <= i_cap - ri)
+                if not fits.any():
+                    break
+                nt, npat = (rt + tok) / l_cap, (rp + pat) / p_cap
+                score = np.minimum(nt, npat) + 0.5 * (nt + npat) + 10.0 * forced
+                j = int(np.argmax(np.where(fits, score, -np.inf)))
+                row.append(j)
+                avail[j] = False
+                rt, rp, rs, ri = rt + int(tok[j]), rp + int(pat[j]), rs + int(stp[j]), ri + int(img[j])
+            rows.append(row)
+            used_t, used_p = used_t + rt, used_p + rp
+        if (forced & avail).any():  # a forced example left out: not this bucket
+            return None, -1.0
+        return rows, (used_t + PATCH_COST * used_p) / (b * l_cap + PATCH_COST * b * p_cap)
+
+    for f in (forced, np.zeros_like(forced)):  # more forced examples than any bucket holds: plain packing
+        best, best_score = None, -1.0
+        for l_cap, p_cap in bucket_shapes(cfg):
+            rows, score = fill(l_cap, p_cap, f)
+            if rows is not None and score > best_score + 1e-12:
+                best, best_score = rows, score
+        if best is not None:
+            return best
+    raise ValueError("no pending example fits any bucket")  # the transform skips those: cannot happen
 
 
 # ------------------------------------------------------------------------------------------------
@@ -633,25 +743,41 @@ class BatchIterDataset(grain.IterDataset):
 
 
 class BatchIterator(grain.DatasetIterator):
-    """Pulls examples (and skip markers), fills rows first-fit, emits fixed-shape batches.
+    """Pulls examples (and skip markers) and emits fixed-shape batches.
 
-    Between calls at most one example is held over (packing: the example that did not fit the
-    finished batch). Its upstream state *before* it was pulled is what ``get_state`` returns, so a
-    restore replays it; skip markers are reported with the batch that follows them, or at once (a
-    report-only element) when no batch is open.
+    ``pack_buffer == 0`` (streaming): rows are filled first-fit in arrival order. Between calls at most
+    one example is held over (packing: the example that did not fit the finished batch); its upstream
+    state *before* it was pulled is what ``get_state`` returns, so a restore replays it.
+
+    ``pack_buffer > 0`` (lookahead): up to ``pack_buffer`` pending examples are held, and each batch is
+    chosen from them by ``plan_batch`` (rows filled close to the bucket in tokens and patches, the
+    bucket chosen to fit). An example that has waited ``2 * pack_buffer`` pulls is forced into the next
+    batch, so none waits for ever. ``get_state`` returns the upstream state before the oldest pending
+    example plus the offsets (counted in pulls from it) of the elements pulled after it that were
+    already emitted or reported; a restore replays from there and drops those, which rebuilds exactly
+    the buffer an uninterrupted run holds.
+
+    Skip markers are reported with the element that follows them, or at once (a report-only
+    element) when no example is pending.
     """
 
-    def __init__(self, parent, cfg: PipelineConfig, assembler: BatchAssembler):
+    def __init__(self, parent, cfg: PipelineConfig, assembler: _AssemblerBase):
         super().__init__(parent)
         self._cfg, self._assembler = cfg, assembler
         self._max_len = cfg.effective_max_length
         self._max_patches = int(max(cfg.patch_buckets))
         self._reset()
 
-    def _reset(self):
+    def _reset(self, replay=()):
         self._rows: list[_Row] = []
         self._held_state = None  # upstream state before the first example of self._rows
         self._skips: list = []
+        # lookahead mode
+        self._pending: list[tuple[int, Any, dict]] = []  # (offset, upstream state before it, example)
+        self._done: list[bool] = []  # per element pulled since the oldest pending one: emitted/reported
+        self._skip_offsets: list[int] = []
+        self._replay = set(int(o) for o in replay)  # offsets to drop when pulled again (after a restore)
+        self._exhausted = False
 
     def _report(self, rows: list[_Row], dropped: int = 0) -> dict:
         """What the main process accounts for with this element: the skips pulled since the last
@@ -663,6 +789,9 @@ class BatchIterator(grain.DatasetIterator):
                "examples_truncated": int(sum(1 for ex in exs if ex["steps_dropped"])),
                "dropped_remainder": int(dropped)}
         self._skips = []
+        for o in self._skip_offsets:
+            self._done[o] = True
+        self._skip_offsets = []
         return rep
 
     def _emit(self, rows: list[_Row]) -> dict:
@@ -686,6 +815,8 @@ class BatchIterator(grain.DatasetIterator):
         return False
 
     def __next__(self):
+        if self._cfg.pack_buffer:
+            return self._next_lookahead()
         cfg = self._cfg
         while True:
             before = self._parent.get_state()
@@ -718,12 +849,88 @@ class BatchIterator(grain.DatasetIterator):
             self._rows, self._held_state = [row], copy.deepcopy(before)
             return self._emit(rows)
 
+    # -- lookahead mode ----------------------------------------------------------------------------
+    def _pull(self) -> str:
+        """One element from upstream into the buffer: "example", "skip" or "replayed" (dropped: it was
+        emitted or reported before the restore). Raises StopIteration at the end of the data."""
+        before = self._parent.get_state()
+        el = next(self._parent)
+        off = len(self._done)
+        self._done.append(False)
+        if off in self._replay:
+            self._replay.discard(off)
+            self._done[off] = True
+            return "replayed"
+        if "skip" in el:
+            self._skips.append(tuple(el["skip"]))
+            self._skip_offsets.append(off)
+            return "skip"
+        self._pending.append((off, copy.deepcopy(before), el))
+        return "example"
+
+    def _rebase(self) -> None:
+        """Forget the bookkeeping of everything pulled before the oldest pending example."""
+        first = self._pending[0][0] if self._pending else len(self._done)
+        if not first:
+            return
+        self._done = self._done[first:]
+        self._pending = [(o - first, st, ex) for o, st, ex in self._pending]
+        self._skip_offsets = [o - first for o in self._skip_offsets]
+        self._replay = {o - first for o in self._replay}
+
+    def _next_lookahead(self):
+        cfg = self._cfg
+        while len(self._pending) < cfg.pack_buffer and not self._exhausted:
+            try:
+                kind = self._pull()
+            except StopIteration:
+                self._exhausted = True
+                break
+            if kind == "skip" and not self._pending:  # report now (see the streaming mode)
+                rep = self._report([])
+                self._rebase()
+                return {REPORT_KEY: rep}
+        if not self._pending:
+            if self._skips:
+                rep = self._report([])
+                self._rebase()
+                return {REPORT_KEY: rep}
+            raise StopIteration
+        sizes = np.array([(len(ex["input_ids"]), len(ex["pixel_values"]), len(ex["labels"]), _num_images(ex))
+                          for _, _, ex in self._pending], np.int64)
+        age = len(self._done) - np.array([o for o, _, _ in self._pending])
+        plan = plan_batch(sizes, age >= 2 * cfg.pack_buffer, cfg)
+        placed = sorted(i for r in plan for i in r)
+        last = self._exhausted and len(placed) == len(self._pending)
+        placed_rows: list[_Row] = []
+        if not (last and len(plan) < cfg.batch_size and cfg.drop_remainder):  # else: drop the short last batch
+            for r in plan:
+                row = _Row()
+                for i in r:
+                    row.add(self._pending[i][2])
+                placed_rows.append(row)
+        for i in placed:
+            self._done[self._pending[i][0]] = True
+        keep = set(range(len(self._pending))) - set(placed)
+        dropped = 0 if placed_rows else len(placed)
+        self._pending = [self._pending[i] for i in sorted(keep)]
+        if placed_rows:
+            out = self._emit(placed_rows)
+        else:
+            out = {REPORT_KEY: self._report([], dropped)}
+        self._rebase()
+        return out
+
     def get_state(self) -> dict:
+        if self._cfg.pack_buffer:
+            if not self._pending:
+                return {"parent": self._parent.get_state()}
+            return {"parent": self._pending[0][1], "done": [o for o, d in enumerate(self._done) if d]}
         return {"parent": self._held_state if self._rows else self._parent.get_state()}
 
     def set_state(self, state: dict) -> None:
         self._parent.set_state(state["parent"])
-        self._reset()
+        self._reset(state.get("done", ()))
 
     def start_prefetch(self) -> None:
         self._parent.start_prefetch()
@@ -746,12 +953,50 @@ class LoaderStats:
     steps_dropped: int = 0  # trailing steps removed (max_steps / max_length), over all examples
     examples_truncated: int = 0  # examples that lost at least one step
     dropped_remainder: int = 0  # examples in a final short batch dropped by drop_remainder
+    # packing efficiency: what the batches hold for real / what their shapes carry (B*L, B*P, B*S)
+    tokens: int = 0
+    token_slots: int = 0
+    patches: int = 0
+    patch_slots: int = 0
+    label_slots_used: int = 0
+    label_slots: int = 0
+    pixel_bytes: int = 0  # bytes of pixel_values handed to the training loop
     recent_skips: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=100))
 
     @property
     def skipped(self) -> int:
         """Alias of ``num_skipped``."""
         return self.num_skipped
+
+    def account_batch(self, batch: dict) -> None:
+        """Add one batch's real and carried tokens, patches and label slots."""
+        b, l = batch["input_ids"].shape
+        p = batch["pixel_values"].shape[1]
+        s = batch["labels"].shape[1]
+        self.tokens += int(batch["num_tokens"].sum())
+        self.token_slots += b * l
+        self.patches += int(batch["num_patches"].sum())
+        self.patch_slots += b * p
+        self.label_slots_used += int((batch["label_segment_ids"] > 0).sum())
+        self.label_slots += b * s
+        self.pixel_bytes += int(batch["pixel_values"].nbytes)
+
+    def efficiency(self, since: dict | None = None) -> dict[str, float]:
+        """``data/token_efficiency``, ``data/patch_efficiency``, ``data/label_slot_efficiency`` (real / carried)
+        and ``data/examples_per_batch``, over all batches so far or those after the ``since`` snapshot
+        (a ``state_dict()``)."""
+        d, s0 = self.state_dict(), since or {}
+
+        def delta(k):
+            return d[k] - int(s0.get(k, 0))
+
+        def ratio(a, b):
+            return delta(a) / delta(b) if delta(b) else 0.0
+
+        return {"data/token_efficiency": ratio("tokens", "token_slots"),
+                "data/patch_efficiency": ratio("patches", "patch_slots"),
+                "data/label_slot_efficiency": ratio("label_slots_used", "label_slots"),
+                "data/examples_per_batch": ratio("num_examples", "num_batches")}
 
     def state_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -765,6 +1010,69 @@ class LoaderStats:
             elif hasattr(self, k) and k != "recent_skips":
                 setattr(self, k, int(v))
         self.recent_skips.clear()
+
+
+# ------------------------------------------------------------------------------------------------
+# Packing efficiency of a size distribution, without the pixels
+# ------------------------------------------------------------------------------------------------
+class _ShapeAssembler(_AssemblerBase):
+    """The bookkeeping arrays of a batch only (no token ids, no pixels: ``pixel_values`` is a zero-stride
+    view of the batch's shape), for ``simulate_packing``."""
+
+    def __init__(self, cfg: PipelineConfig, patch_dim: int):
+        super().__init__(cfg, 0)
+        self.patch_dim = int(patch_dim)
+
+    def __call__(self, rows: list[_Row]) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        b, s, k = cfg.batch_size, cfg.max_steps, cfg.examples_per_row
+        l = _smallest(cfg.seq_buckets, max(r.tokens for r in rows))
+        p = _smallest(cfg.patch_buckets, max(r.patches for r in rows))
+        out = {"input_ids": np.broadcast_to(np.int32(0), (b, l)),
+               "pixel_values": np.broadcast_to(np.zeros((), self.pixel_dtype), (b, p, self.patch_dim)),
+               "labels": np.broadcast_to(np.int32(-1), (b, s)),
+               "label_segment_ids": np.zeros((b, s), np.int32), "num_tokens": np.zeros((b,), np.int32),
+               "num_patches": np.zeros((b,), np.int32), "num_steps": np.zeros((b,), np.int32),
+               "num_images": np.zeros((b,), np.int32), "num_examples": np.zeros((b,), np.int32),
+               "record_index": np.full((b, k), -1, np.int32)}
+        for r, row in enumerate(rows[:b]):
+            soff = 0
+            for j, ex in enumerate(row.examples):
+                m = len(ex["labels"])
+                out["label_segment_ids"][r, soff:soff + m] = j + 1
+                out["record_index"][r, j] = ex["record_index"]
+                soff += m
+            out["num_tokens"][r], out["num_patches"][r], out["num_steps"][r] = row.tokens, row.patches, row.steps
+            out["num_images"][r], out["num_examples"][r] = row.images, len(row.examples)
+        return out
+
+
+def simulate_packing(sizes, cfg: PipelineConfig, *, patch_dim: int = 1176) -> tuple[list[dict], LoaderStats]:
+    """Batch examples of the given sizes as the loader would (same ``BatchIterator``, rows, buckets and
+    lookahead), without tokens or pixels: ``sizes`` is a sequence of (tokens, patches, steps, images) per
+    example, in the order the loader would read them (shuffle them first for a shuffled loader).
+    Returns the batches' bookkeeping arrays (``num_tokens``, ``num_patches``, ``label_segment_ids``,
+    ``record_index`` = position in ``sizes``, ... and the batch shapes) and the ``LoaderStats`` with their
+    efficiencies (``stats.efficiency()``): how full a bucket/packing choice keeps the batches on a
+    data set's size distribution (``bench/pipeline_bench.py``)."""
+    cfg.validate()
+    exs = []
+    for i, (t, p, s, n) in enumerate(np.asarray(sizes, np.int64).reshape(-1, 4)):
+        exs.append({"record_index": i, "id": str(i), "input_ids": np.empty((int(t), 0), np.int8),
+                    "pixel_values": np.empty((int(p), 0), np.int8), "labels": np.empty((int(s), 0), np.int8),
+                    "image_grid_thw": np.empty((int(n), 0), np.int8), "steps_dropped": 0})
+    parent = grain.MapDataset.source(exs).to_iter_dataset(grain.ReadOptions(num_threads=0)).__iter__()
+    it = BatchIterator(parent, cfg, _ShapeAssembler(cfg, patch_dim))
+    stats, batches = LoaderStats(), []
+    for el in it:
+        rep = el.pop(REPORT_KEY, {})
+        stats.num_examples += int(rep.get("examples", 0))
+        stats.dropped_remainder += int(rep.get("dropped_remainder", 0))
+        if "input_ids" in el:
+            stats.num_batches += 1
+            stats.account_batch(el)
+            batches.append(el)
+    return batches, stats
 
 
 # Debugging aid (multi-host tests, docs/multihost.md): with JAXPRM_RECORD_IDS_DIR=<dir> every loader
@@ -832,6 +1140,7 @@ class PrmIterator(grain.DatasetIterator):
             self._account(el.pop(REPORT_KEY, None))
             if "input_ids" in el:
                 self.stats.num_batches += 1
+                self.stats.account_batch(el)
                 return el
 
     def get_state(self) -> dict:
