@@ -35,6 +35,9 @@ import subprocess
 import sys
 import time
 
+# compile only: several processes may load libtpu at once (its lockfile guards a real TPU's chips)
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

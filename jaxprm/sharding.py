@@ -12,6 +12,7 @@ left replicated, so tiny models run on any mesh.
 """
 from __future__ import annotations
 
+import contextvars
 import math
 
 import jax
@@ -78,7 +79,7 @@ def spec_for(shape, logical: tuple[str, ...], mesh, rules=RULES) -> P:
     A mesh axis is used at most once, axes of size 1 (or missing from the mesh) are dropped, and a
     dimension that its mesh axes do not divide stays replicated."""
     table = dict(rules)
-    out, used = [], set()
+    out, used = [], set(_MAPPED_AXES.get())
     for dim, name in zip(shape, logical):
         if name not in table:
             raise KeyError(f"logical axis {name!r} is not in the rules table; add it to jaxprm/sharding.py RULES")
@@ -102,15 +103,36 @@ def param_shardings(state, mesh: Mesh, rules=RULES):
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+# Mesh axes that an enclosing ``vmap_rows`` maps its rows over (its ``spmd_axis_name``): inside it
+# they are taken, so ``spec_for`` never gives them to another dimension.
+_MAPPED_AXES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("jaxprm_mapped_axes", default=())
+
+
 def batch_axis_names(rows: int) -> tuple[str, ...] | None:
     """The mesh axes the "batch" rule splits ``rows`` rows over, on the mesh set with ``jax.set_mesh``
-    (None without a mesh, or when they do not divide ``rows``): ``jax.vmap(..., spmd_axis_name=)``
-    over the rows, so that a ``shard_map`` inside (the Pallas attention kernels) keeps them split."""
+    (None without a mesh, or when they do not divide ``rows``)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return None
     axes = spec_for((rows,), ("batch",), mesh)[0]
     return None if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def vmap_rows(fn, rows: int):
+    """``jax.vmap(fn)`` over ``rows`` rows that stay split over the mesh's batch axes inside
+    (``spmd_axis_name``): a ``shard_map`` in ``fn`` (the Pallas attention kernels) then runs on each
+    device's rows instead of gathering every row onto every device."""
+    axes = batch_axis_names(rows)
+    mapped = jax.vmap(fn, spmd_axis_name=axes)
+
+    def call(*args):
+        token = _MAPPED_AXES.set(_MAPPED_AXES.get() + (axes or ()))
+        try:
+            return mapped(*args)
+        finally:
+            _MAPPED_AXES.reset(token)
+
+    return call
 
 
 def constrain(x, logical: tuple[str, ...], rules=RULES):

@@ -113,7 +113,9 @@ def test_prm_under_a_mesh_with_the_kernel_equals_xla():
     tok = build_synthetic_tokenizer()
     cfg = tiny_model_config(tok)
     mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
-    batch = shd.shard_batch(make_batch(cfg, make_inputs(cfg, 4, 256, 112, 4)), mesh)
+    # a 448² image: 1024 patches, so the vision tower's full layers reach the kernel too, and its
+    # window layers' 8 chunks per row would split over the mesh if the rows did not own those axes
+    batch = shd.shard_batch(make_batch(cfg, make_inputs(cfg, 4, 512, 448, 4)), mesh)
 
     def run(impl):
         model = PRMModel(Qwen25VL(cfg, attn_impl=impl, rngs=nnx.Rngs(0)), ckpt.default_spec(tok, head="linear"))
@@ -130,7 +132,7 @@ def test_prm_under_a_mesh_with_the_kernel_equals_xla():
 
     jaxpr, logits, grads = run("splash_interpret")
     _, ref_logits, ref_grads = run("xla")
-    assert jaxpr.count("shard_map") >= 2  # the decoder's and the vision windows' kernels
+    assert jaxpr.count("shard_map") >= 3  # the decoder's and the vision tower's full and window layers' kernels
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-4, rtol=0)
     for (path, g), (_, r) in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves_with_path(ref_grads)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-4, rtol=1e-3, err_msg=jax.tree_util.keystr(path))

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxprm.models import vlm
 from jaxprm.models.vlm import VisionLanguageModel, hf_forward, host_ids_and_mask, scatter_features
-from jaxprm.sharding import batch_axis_names
+from jaxprm.sharding import vmap_rows
 from . import rope
 from .config import Qwen25VLConfig
 from .rope import LAYOUT_KEYS
@@ -65,8 +65,7 @@ class Qwen25VL(VisionLanguageModel):
         else:
             layout = tuple(vision_layout[k] for k in LAYOUT_KEYS)
             # rows stay split over the mesh's batch axes inside (the Pallas kernels' shard_map)
-            rows = batch_axis_names(pixel_values.shape[0])
-            feats = jax.vmap(lambda pv, *lay: self.visual(pv, *lay), spmd_axis_name=rows)(pixel_values, *layout)
+            feats = vmap_rows(lambda pv, *lay: self.visual(pv, *lay), pixel_values.shape[0])(pixel_values, *layout)
             embeds = jax.vmap(lambda ids, f: self.embed(ids[None], f)[0])(input_ids, feats)
         return self.language_model(embeds, position_ids, segment_ids, past_kv=past_kv,
                                    past_segment_ids=past_segment_ids, return_kv=return_kv)
