@@ -86,8 +86,21 @@ def _string(v, field: str, limits: Limits, *, allow_empty: bool = True) -> str:
         raise RequestError(422, f"{field} must be a string, got {_tname(v)}", field)
     if not allow_empty and not v.strip():
         raise RequestError(422, f"{field} must not be empty", field)
-    if len(v) > limits.max_step_chars:
-        raise RequestError(413, f"{field} has {len(v)} characters, over the limit of {limits.max_step_chars}", field)
+    _at_most(len(v), limits.max_step_chars, field, "characters")
+    return v
+
+
+def _at_most(n: int, limit: int, field: str, unit: str) -> None:
+    """413 when ``field`` has ``n`` ``unit`` (steps, characters, ...), more than ``limit``."""
+    if n > limit:
+        raise RequestError(413, f"{field} has {n} {unit}, over the limit of {limit}", field)
+
+
+def _candidates(v, limits: Limits, what: str, unit: str) -> list:
+    """``candidates``: a non-empty list of ``what``, at most ``limits.max_candidates`` ``unit``."""
+    if not isinstance(v, list) or not v:
+        raise RequestError(422, f"candidates must be a non-empty list of {what}", "candidates")
+    _at_most(len(v), limits.max_candidates, "candidates", unit)
     return v
 
 
@@ -101,8 +114,7 @@ def _steps(v, field: str, limits: Limits, *, allow_empty: bool = False) -> list[
         raise RequestError(422, f"{field} must be a list of strings, got {_tname(v)}", field)
     if not v and not allow_empty:
         raise RequestError(422, f"{field} must not be empty (a solution has at least one step)", field)
-    if len(v) > limits.max_steps:
-        raise RequestError(413, f"{field} has {len(v)} steps, over the limit of {limits.max_steps}", field)
+    _at_most(len(v), limits.max_steps, field, "steps")
     return [_string(s, f"{field}[{i}]", limits) for i, s in enumerate(v)]
 
 
@@ -164,8 +176,7 @@ def decode_images(v, field: str, limits: Limits) -> tuple[list[np.ndarray] | Non
     if v is None:
         return None, hashlib.sha256(b"").hexdigest()
     items = v if isinstance(v, list) else [v]
-    if len(items) > limits.max_images:
-        raise RequestError(413, f"{field} has {len(items)} images, over the limit of {limits.max_images}", field)
+    _at_most(len(items), limits.max_images, field, "images")
     arrays, digest = [], hashlib.sha256()
     for i, s in enumerate(items):
         arr, raw = decode_image(s, f"{field}[{i}]" if isinstance(v, list) else field, limits)
@@ -219,18 +230,12 @@ def parse_score(body, limits: Limits, aggregations) -> tuple[str, Any, list[str]
         if not isinstance(items, list) or not items:
             raise RequestError(422, f"items must be a non-empty list of {{image, question, steps}} objects, "
                                     f"got {_tname(items) if not isinstance(items, list) else 'an empty list'}", "items")
-        if len(items) > limits.max_items:
-            raise RequestError(413, f"items has {len(items)} entries, over the limit of {limits.max_items}", "items")
+        _at_most(len(items), limits.max_items, "items", "entries")
         out = [_item(_object(it, f"items[{i}]"), limits, f"items[{i}].") for i, it in enumerate(items)]
         _budget(out, limits)
         return form, out, aggs
     q = _string(_require(body, "question"), "question", limits)
-    cands = body["candidates"]
-    if not isinstance(cands, list) or not cands:
-        raise RequestError(422, "candidates must be a non-empty list of step lists", "candidates")
-    if len(cands) > limits.max_candidates:
-        raise RequestError(413, f"candidates has {len(cands)} solutions, over the limit of {limits.max_candidates}",
-                           "candidates")
+    cands = _candidates(body["candidates"], limits, "step lists", "solutions")
     lists = [_steps(c, f"candidates[{i}]", limits) for i, c in enumerate(cands)]
     images, key = decode_images(body.get("image"), "image", limits)
     base = Item(images, q, [], _key(key, q))
@@ -248,12 +253,7 @@ def parse_guide(body, limits: Limits, aggregations) -> dict:
     if len(steps) + 1 > limits.max_steps:
         raise RequestError(413, f"steps has {len(steps)} steps; with the next one that is over the limit of "
                                 f"{limits.max_steps}", "steps")
-    cands = _require(body, "candidates")
-    if not isinstance(cands, list) or not cands:
-        raise RequestError(422, "candidates must be a non-empty list of candidate next steps (strings)", "candidates")
-    if len(cands) > limits.max_candidates:
-        raise RequestError(413, f"candidates has {len(cands)} steps, over the limit of {limits.max_candidates}",
-                           "candidates")
+    cands = _candidates(_require(body, "candidates"), limits, "candidate next steps (strings)", "steps")
     cands = [_string(c, f"candidates[{i}]", limits) for i, c in enumerate(cands)]
     agg = body.get("aggregate", "last")
     if agg not in aggregations:
@@ -477,8 +477,7 @@ def parse_pooling(body, limits: Limits, system_prompt: str, tokenizer, *, endpoi
         else:
             raise RequestError(422, "input must be a string, a list of strings, a list of token ids or a list of "
                                     "token id lists (non-empty)", "input")
-        if len(prompts) > limits.max_items:
-            raise RequestError(413, f"input has {len(prompts)} prompts, over the limit of {limits.max_items}", "input")
+        _at_most(len(prompts), limits.max_items, "input", "prompts")
         for i, p in enumerate(prompts):
             f = "input" if len(prompts) == 1 and isinstance(v, str) else f"input[{i}]"
             item, _ = chat_to_item(parse_chatml(p, f), system_prompt, limits, field=f)
