@@ -11,13 +11,18 @@ from jaxprm.synth.run import ShardStore, run
 CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "synth_tiny.py")
 
 
+def _config(num_questions: int, num_continuations: int, judge_noise: float):
+    cfg = load_config(CONFIG)
+    cfg.num_questions = num_questions
+    cfg.mc.num_continuations = num_continuations
+    cfg.judge.noise = judge_noise
+    cfg.progress = False
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def noisy_run(tmp_path_factory):
-    cfg = load_config(CONFIG)
-    cfg.num_questions = 40
-    cfg.mc.num_continuations = 8
-    cfg.judge.noise = 0.3
-    cfg.progress = False
+    cfg = _config(40, 8, 0.3)
     out = str(tmp_path_factory.mktemp("noisy"))
     stats = run(cfg, out)
     return out, stats, ShardStore(out).read_records()
@@ -48,12 +53,7 @@ def test_hybrid_beats_or_matches_judge_only_under_a_noisy_judge(noisy_run):
 
 
 def test_noise_free_judge_is_exact(tmp_path):
-    cfg = load_config(CONFIG)
-    cfg.num_questions = 12
-    cfg.mc.num_continuations = 4
-    cfg.judge.noise = 0.0
-    cfg.progress = False
-    stats = run(cfg, str(tmp_path))
+    stats = run(_config(12, 4, 0.0), str(tmp_path))
     m = stats["report"]["rules"]
     assert m["judge"]["accuracy"] == 1.0 and m["hybrid"]["accuracy"] == 1.0
     assert m["judge"]["first_error_match"] == 1.0
