@@ -400,13 +400,18 @@ def internvl_prompt_tokenizer(tokenizer) -> TemplatedTokenizer:
     return TemplatedTokenizer(tokenizer, INTERNVL_CHAT_TEMPLATE)
 
 
-def _render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
+def render_messages(tokenizer, messages, add_generation_prompt: bool = False) -> str:
+    """``tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=...)``, the same
+    string; for the known ChatML templates written without jinja (see below)."""
     spec = _chatml_spec(tokenizer)
     if spec is not None:
         out = _render_chatml(messages, spec, add_generation_prompt)
         if out is not None:
             return out[0]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+_render = render_messages
 
 
 # ------------------------------------------------------------------------------------------------
@@ -623,8 +628,10 @@ def _check_no_control_tokens(question: str, steps: Sequence[str], system_prompt:
         check(s, f"steps[{i}]")
 
 
-def _tokenize(tokenizer, text: str):
-    """(ids (int64 array), token start offsets, token end offsets) -- the offsets None for a slow tokenizer."""
+def tokenize_with_offsets(tokenizer, text: str):
+    """(ids (int64 array), token start offsets, token end offsets) of ``text`` (no special tokens added),
+    equal to ``tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)``; the offsets None
+    for a slow tokenizer. Memoised piece by piece between special tokens (see above)."""
     if getattr(tokenizer, "is_fast", False):
         seg = _segment_tokenizer(tokenizer)
         if seg is not None:
@@ -643,6 +650,9 @@ def _tokenize(tokenizer, text: str):
         offs = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
         return np.asarray(enc["input_ids"], np.int64), offs[:, 0], offs[:, 1]
     return np.asarray(list(tokenizer(text, add_special_tokens=False)["input_ids"]), np.int64), None, None
+
+
+_tokenize = tokenize_with_offsets
 
 
 def _count_tokens_before(tokenizer, text: str, ids, starts, char_pos):

@@ -27,7 +27,7 @@ from jaxprm.data.preprocess import ImageProcessor
 from jaxprm.data.preprocess_internvl import InternVLImageProcessor
 from jaxprm.dtypes import jax_float_type
 from jaxprm.data.prompt import (INTERNVL_IMAGE_PAD, POSITIVE_TOKEN, build_messages, encode_prm_example, get_prompt_style,
-                                internvl_prompt_tokenizer, label_token_ids)
+                                internvl_prompt_tokenizer, label_token_ids, render_messages, tokenize_with_offsets)
 from jaxprm.data.tokenizer import INTERNVL_ADDED_TOKENS, QWEN_SPECIAL_TOKENS
 from jaxprm.models.prm import PRMModel
 from jaxprm.models.qwen2_5_vl import rope
@@ -163,9 +163,10 @@ class PRM:
         if not images:
             return None, None
         out = self.image_processor(images)
+        pv = out["pixel_values"].astype(np.float32, copy=False)  # float32 already: no copy
         if self.internvl:
-            return out["pixel_values"].astype(np.float32), out["num_patches"].astype(np.int64)
-        return out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
+            return pv, out["num_patches"].astype(np.int64)
+        return pv, out["image_grid_thw"].astype(np.int64)
 
     def _encode(self, pv, grid, question: str, steps: list[str], where: str = "") -> _Encoded:
         cfg = self.config
@@ -496,8 +497,8 @@ class IncrementalScorer:
             return None  # the full encoding raises the proper error
         msgs = build_messages(self.question, steps, num_images=self._num_images, placeholder=POSITIVE_TOKEN,
                               system_prompt=prm.system_prompt, style=prm.prompt_style)
-        full = tok.apply_chat_template(msgs, tokenize=False)
-        head = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+        full = render_messages(tok, msgs)
+        head = render_messages(tok, msgs[:-1], add_generation_prompt=True)
         base = self._text
         if not (head.startswith(base) and full.startswith(head)
                 and full[len(head): len(head) + len(POSITIVE_TOKEN)] == POSITIVE_TOKEN):
@@ -505,9 +506,11 @@ class IncrementalScorer:
         rest = full[len(base):]
         if not rest.startswith(QWEN_SPECIAL_TOKENS):
             return None
-        enc = tok(rest, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], np.int32)
-        offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+        ids, starts, ends = tokenize_with_offsets(tok, rest)
+        if starts is None:  # pragma: no cover - self._split needs a fast tokenizer
+            return None
+        ids = ids.astype(np.int32)
+        offsets = np.stack([starts, ends], axis=1)
         at = len(head) - len(base)
         j = int(np.searchsorted(offsets[:, 0], at))
         if not (1 <= j < len(ids) and ids[j] == self._plus_id and offsets[j, 0] == at

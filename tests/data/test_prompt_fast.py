@@ -202,3 +202,17 @@ def test_memo_does_not_keep_the_tokenizer_alive():
     del tok
     gc.collect()
     assert ref() is None
+
+
+def test_public_helpers_equal_transformers(qwen_tok, internvl_tok):
+    for tok in (qwen_tok, internvl_tok):
+        for style in sorted(PROMPT_STYLES):
+            msgs = build_messages(QUESTION, ODD_STEPS[0], num_images=1, style=style)
+            for gen, m in ((False, msgs), (True, msgs[:-1])):
+                text = P.render_messages(tok, m, add_generation_prompt=gen)
+                assert text == _jinja(tok, m, gen)
+                for t in (text, text[text.index("<|im_start|>user"):]):
+                    ids, starts, ends = P.tokenize_with_offsets(tok, t)
+                    ref_ids, ref_offs = _whole(tok, t)
+                    np.testing.assert_array_equal(ids, ref_ids)
+                    np.testing.assert_array_equal(np.stack([starts, ends], 1), ref_offs)
