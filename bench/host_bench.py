@@ -111,7 +111,8 @@ def run(label: str, repeat: int = 3) -> dict:
         for n in (8, 32, 64):
             best = None
             for r in range(repeat):  # a new problem each time: another question and new candidates
-                res = one_batch(prm, img, f"{QUESTION} (problem {side}-{n}-{r})", candidates(n, seed=(side * 1000 + n) * 100 + r))
+                res = one_batch(prm, img, f"{QUESTION} (problem {side}-{n}-{r})",
+                                candidates(n, seed=(side * 1000 + n) * 100 + r))
                 res["total_ms"] = res["image_ms"] + res["prompt_ms"] + res["positions_ms"] + res["pack_ms"]
                 if best is None or res["total_ms"] < best["total_ms"]:
                     best = res

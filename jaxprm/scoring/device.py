@@ -14,8 +14,9 @@ shapes is ever compiled:
 Three jitted functions (``nnx.split`` once into graphdef/state; pure functions of ``(state, arrays)``
 that ``nnx.merge`` inside the trace, so a call is one cheap C++ dispatch): ``full`` (whole sequences,
 per-row vision; rows that share one image, as the candidates of one problem do, get it as one pixel
-array copied to the rows on the device, not once per row from the host), ``prefix`` (one shared prefix with its image(s) -> its K/V cache) and ``suffix``
-(a batch of continuations attending to the prefix cache broadcast over the rows). Each returns only
+array copied to the rows on the device, not once per row from the host), ``prefix`` (one shared
+prefix with its image(s) -> its K/V cache) and ``suffix`` (a batch of continuations attending to the
+prefix cache broadcast over the rows). Each returns only
 the 2-class step head at every position -- (B, L) probabilities, never full-vocabulary logits --
 and the host picks the label positions. The jitted functions are shared by all scorers whose model
 has the same graph (architecture, dtype, head), and ``Scorer.trace_counts`` counts their traces, so
@@ -551,11 +552,11 @@ class Scorer:
                text_only: bool = True, incremental: bool = False) -> int:
         """Compile (by running dummy batches) every bucket combination, or the given subsets:
         ``full``: batch_sizes x lengths x (0 + patches), with images in both layouts of the pixel rows
-        (each row's own, and one image shared by all rows: best-of-N candidates); ``shared``: prefix_lengths x (0 + patches)
-        and batch_sizes x suffix_lengths x prefix_lengths. Values are rounded to their buckets; 0
-        patches (the text-only variant) is included when ``text_only``. ``incremental`` (what
-        ``PRM.incremental_scorer``, i.e. guided search, runs): the prefixes as for ``shared``, scoring
-        with K/V kept and appending to a cache for batch_sizes x suffix_lengths x prefix_lengths
+        (each row's own, and one image shared by all rows: best-of-N candidates); ``shared``:
+        prefix_lengths x (0 + patches) and batch_sizes x suffix_lengths x prefix_lengths. Values are
+        rounded to their buckets; 0 patches (the text-only variant) is included when ``text_only``.
+        ``incremental`` (what ``PRM.incremental_scorer``, i.e. guided search, runs): the prefixes as for
+        ``shared``, scoring with K/V kept and appending to a cache for batch_sizes x suffix_lengths x prefix_lengths
         (the prefix buckets are the cache capacities), and growing a cache from each of those prefix
         buckets to every larger one. Returns the number of new compilations. Dummy batches are run
         (an AOT ``lower().compile()`` would not fill jit's cache).

@@ -139,7 +139,8 @@ def test_internvl_shared_tiles_equal_per_row_packing():
     from jaxprm.models.internvl import InternVL
 
     tok = build_synthetic_internvl_tokenizer()
-    model = PRMModel(InternVL(tiny_internvl_config(tok), rngs=nnx.Rngs(0)), ck.default_spec(tok, prompt_style="visualprm"))
+    model = PRMModel(InternVL(tiny_internvl_config(tok), rngs=nnx.Rngs(0)),
+                     ck.default_spec(tok, prompt_style="visualprm"))
     p = PRM(model, tok, batch_size=4, batch_buckets=(1, 4), length_buckets=(1024,), patch_buckets=(3, 7))
     image = _image(112, 56, 8)
     pv, tiles = p._images(image)
