@@ -334,10 +334,8 @@ def _fail_fast(e: BaseException, workdir: str) -> None:
 def pipeline_config(c, *, train: bool, seed: int):
     """Training batches use the prompt of ``model.history``; evaluation batches always use the scoring
     prompt (placeholders in every assistant turn), so eval numbers are what ``PRM.score`` gives."""
-    from jaxprm.data.pipeline import PipelineConfig
+    from jaxprm.data.pipeline import PipelineConfig, auto_worker_count, resolve_pixel_dtype
     from jaxprm.data.prompt import encode_mode
-
-    from jaxprm.data.pipeline import auto_worker_count, resolve_pixel_dtype
 
     d = c.data
     rows = (c.train.batch_size if train else max(c.train.batch_size // c.train.grad_accum, 1)) // jax.process_count()

@@ -17,8 +17,9 @@ Pipeline (Grain's dataset API, ``grain.MapDataset`` -> ``grain.IterDataset``)::
                                      a bad record becomes a small "skip" marker, never an exception
       .to_iter_dataset(ReadOptions(num_threads, prefetch_buffer_size))
     -> BatchIterDataset              pad (or pack) examples into rows of a fixed-shape bucket, build the
-                                     per-row vision layout; skip markers are collected into the batch's
-                                     private "_report" entry
+                                     per-row vision layout; with ``pack_buffer`` > 0 each batch is chosen
+                                     from that many pending examples ("Lookahead packing"); skip markers
+                                     are collected into the batch's private "_report" entry
     -> .mp_prefetch(worker_count)    optional: worker processes each run everything above on a slice
     -> PrmLoader (this module)       main process: pops "_report", logs one line per skipped record,
                                      keeps the counters (``iterator.stats``), returns the batch
@@ -35,7 +36,8 @@ U = ``spatial_merge_size ** 2``; D = 3 * temporal_patch * patch**2 = 1176 for Qw
                                            (input_ids[label_positions + 1] is the label token); 0 on padding
     labels             (B, S)      int32   1 = "+", 0 = "-", -1 = unsupervised step or padding slot
     label_segment_ids  (B, S)      int32   segment of the example each label slot belongs to; 0 = padding
-    pixel_values       (B, P, D)   float32 (or bfloat16: ``pixel_dtype``) patches of the row's images in
+    pixel_values       (B, P, D)   float32 (or bfloat16: ``pixel_dtype``; the vision towers cast their input
+                                           to the compute dtype first, so bf16 serves a bf16 model) patches of the row's images in
                                            image order (examples in row order), zero padding after
     window_index       (B, P/U)    int32   \\
     reverse_index      (B, P/U)    int32    | rope.vision_layout(grids of the row, pad_to=P): images stay
@@ -81,6 +83,26 @@ than ``max_images`` images, or more patches than the largest P, is skipped. Mult
 buckets independently; a training loop that needs one global shape can agree on the largest bucket
 across hosts and grow the others with :func:`pad_batch`, or configure a single bucket.
 
+Lookahead packing (``pack_buffer`` > 0): first-fit in arrival order fills rows in tokens but not in
+patches (an image-heavy row next to text-heavy ones sets P for the whole batch). The lookahead packer
+holds ``pack_buffer`` pending examples and builds each batch from them (``plan_batch``): for every
+bucket it fills the rows one by one, the largest pending example first, then (packing) the example that
+keeps the row's token and patch fill most even, within L, P, ``max_steps`` label slots, ``max_images``
+and ``max_examples_per_row``; the bucket whose rows are fullest wins (tokens + ``PATCH_COST`` x
+patches, real over carried). An example that has waited ``2 * pack_buffer`` pulls goes into the next
+batch whatever it costs. On VL-PRM300K-shaped data with ``configs/qwen2_5_vl_3b.py`` this keeps ~96% of
+tokens and ~91% of patches real (first-fit: 89% / 32%; one example per row: 45% / 16%). Order stays
+deterministic in (seed, shard, worker_count) and the state restores exactly (see "Iterator state").
+``simulate_packing(sizes, cfg)`` runs the same batching on (tokens, patches, steps, images) sizes
+alone, to choose buckets for a data set; ``loader.batches_per_epoch()`` estimates a packed epoch's
+batches (records // batch_size overstates it by the examples per row).
+
+Efficiency: ``iterator.stats`` also counts, over the batches consumed, the real and the carried tokens
+(B*L), patches (B*P) and label slots (B*S) and the pixel bytes; ``stats.efficiency(since=snapshot)``
+gives ``data/token_efficiency``, ``data/patch_efficiency``, ``data/label_slot_efficiency`` and
+``data/examples_per_batch`` (``python -m jaxprm.train`` logs them every ``log_every`` steps and writes
+them to TensorBoard).
+
 Skipped examples: a record that cannot be used (malformed stored record, image that does not decode
 or preprocess, prompt too long, too many images/patches, or any other exception in the transform) is
 never raised inside a worker. It travels as a marker to the batcher, which attaches
@@ -103,7 +125,10 @@ dict (Grain's pipeline state + the stats), ``set_state()`` restores it into a fr
 loader built with the same arguments (same data, seed, shard, config, worker_count): the following
 batches are exactly those an uninterrupted run would have produced -- no record repeated or
 skipped. A packed batch that left one example over for the next batch stores the upstream state from
-before that example, which is replayed on restore. Save it in Orbax checkpoints as JSON
+before that example, which is replayed on restore. With lookahead packing the state is the upstream
+state before the oldest pending example plus the offsets of the elements pulled after it that were
+already emitted (or reported); a restore replays from there and drops those, which rebuilds the
+buffer exactly. Save it in Orbax checkpoints as JSON
 (``ocp.args.JsonSave(it.get_state())``), with Grain's handler (``grain.checkpoint.CheckpointSave(it)``
 / ``CheckpointRestore(it)``, which writes ``process_{i}-of-{n}.json`` per host), or via the
 iterator's own ``save``/``load`` (Orbax v1 ``StatefulCheckpointable``).
@@ -1055,7 +1080,7 @@ def simulate_packing(sizes, cfg: PipelineConfig, *, patch_dim: int = 1176) -> tu
     ``record_index`` = position in ``sizes``, ... and the batch shapes) and the ``LoaderStats`` with their
     efficiencies (``stats.efficiency()``): how full a bucket/packing choice keeps the batches on a
     data set's size distribution (``bench/pipeline_bench.py``)."""
-    cfg.validate()
+    cfg.validate(1)  # no vision layouts here: any patch (or tile) count
     exs = []
     for i, (t, p, s, n) in enumerate(np.asarray(sizes, np.int64).reshape(-1, 4)):
         exs.append({"record_index": i, "id": str(i), "input_ids": np.empty((int(t), 0), np.int8),
@@ -1163,11 +1188,41 @@ class PrmIterator(grain.DatasetIterator):
 class PrmLoader(grain.IterDataset):
     """A ``grain.IterDataset`` of PRM batches; ``iter(loader)`` -> ``PrmIterator``."""
 
-    def __init__(self, pipeline, *, cfg, split, num_records, shard_index, shard_count, model_config):
+    def __init__(self, pipeline, *, cfg, split, num_records, shard_index, shard_count, model_config, transform=None):
         super().__init__(pipeline)
         self.cfg, self.split = cfg, split
         self.num_records, self.shard_index, self.shard_count = num_records, shard_index, shard_count
         self.model_config = model_config
+        self.transform = transform  # the ExampleTransform (record index -> example), for estimates
+
+    def batches_per_epoch(self, sample: int = 256, seed: int = 0) -> int:
+        """Batches this host's loader yields per epoch. One example per row: exact, records // batch_size
+        (rounded up without ``drop_remainder``; skipped records not known in advance). Packing: an estimate
+        from ``sample`` records of the shard run through the transform, their sizes resampled to a few
+        thousand examples and batched by ``simulate_packing`` (~0.1 s per record sampled), so a training
+        loop can size its schedule in packed batches (~2x fewer than records / batch_size on VL-PRM300K-
+        shaped data with ``configs/qwen2_5_vl_3b.py``)."""
+        cfg = self.cfg
+        n = self.num_shard_records
+        if not cfg.packing or self.transform is None or n == 0:
+            return n // cfg.batch_size if cfg.drop_remainder else -(-n // cfg.batch_size)
+        rng = np.random.default_rng(seed)
+        shard = np.arange(self.shard_index, self.num_records, self.shard_count)
+        picks = rng.choice(shard, size=min(int(sample), n), replace=False)
+        sizes = []
+        for i in picks:
+            ex = self.transform(int(i))
+            if "skip" not in ex:
+                sizes.append((len(ex["input_ids"]), len(ex["pixel_values"]), len(ex["labels"]), _num_images(ex)))
+        if not sizes:
+            return 0
+        usable = n * len(sizes) / len(picks)
+        sizes = np.asarray(sizes, np.int64)
+        m = max(len(sizes), 16 * cfg.batch_size * cfg.examples_per_row)
+        _, st = simulate_packing(sizes[rng.integers(0, len(sizes), m)],
+                                 dataclasses.replace(cfg, drop_remainder=True, shard_index=0, shard_count=1))
+        per_batch = st.num_examples / max(st.num_batches, 1)
+        return max(1, int(usable / per_batch)) if usable >= cfg.batch_size else int(not cfg.drop_remainder)
 
     @property
     def num_shard_records(self) -> int:
@@ -1267,7 +1322,8 @@ def make_loader(
         ds = ds.shuffle(seed=int(cfg.seed))
     if len(ds) > 0 and cfg.num_epochs != 1:
         ds = ds.repeat(cfg.num_epochs)
-    ds = ds.map(ExampleTransform(source, tokenizer, image_processor, model_config, cfg))
+    transform = ExampleTransform(source, tokenizer, image_processor, model_config, cfg)
+    ds = ds.map(transform)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(cfg.num_threads),
                                                  prefetch_buffer_size=int(cfg.prefetch_buffer_size)))
     assembler = (TileBatchAssembler if internvl else BatchAssembler)(cfg, model_config, pad_id)
@@ -1277,7 +1333,7 @@ def make_loader(
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg.worker_count),
                                                                per_worker_buffer_size=int(cfg.worker_buffer_size)))
     return PrmLoader(it_ds, cfg=cfg, split=split, num_records=num_records, shard_index=shard_index,
-                     shard_count=shard_count, model_config=model_config)
+                     shard_count=shard_count, model_config=model_config, transform=transform)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -256,6 +256,17 @@ def test_stream_mode_is_unchanged_by_the_lookahead_option(data, tok, mc):
     assert sorted(_ids(order)) == list(range(30))
 
 
+def test_batches_per_epoch_estimates_the_packed_epoch(data, tok, mc):
+    for kw in (dict(), dict(pack_buffer=0), dict(batch_size=2, pack_buffer=6)):
+        loader = _loader(data, tok, mc, drop_remainder=True, **kw)
+        actual = len(list(iter(loader)))
+        est = loader.batches_per_epoch(sample=30)
+        assert abs(est - actual) <= max(1, 0.2 * actual), (kw, est, actual)
+        assert est < 30 // loader.cfg.batch_size  # packed: fewer batches than rows of one example
+    plain = _loader(data, tok, mc, packing=False, drop_remainder=True)
+    assert plain.batches_per_epoch() == len(list(iter(plain))) == 30 // 3
+
+
 # ------------------------------------------------------------------------------------------------
 # config helpers
 # ------------------------------------------------------------------------------------------------
