@@ -300,11 +300,14 @@ class ImageProcessor:
     # -- processing --------------------------------------------------------------------------------------
     def preprocess_one(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray]:
         """One image -> (patches ``(grid_h*grid_w, D)`` float32, grid_thw ``[1, grid_h, grid_w]`` int64)."""
+        return self.patchify_uint8(self.resize(image))
+
+    def resize(self, image: ImageLike) -> np.ndarray:
+        """Steps 1-3: one image -> the resized ``(H, W, 3)`` uint8 array (H, W multiples of patch*merge)."""
         rgb = to_rgb_array(image)  # (H, W, 3) uint8
         height, width = rgb.shape[:2]
         rh, rw = self.resized_size(height, width)
-        resized = np.asarray(Image.fromarray(rgb).resize((rw, rh), resample=Image.Resampling.BICUBIC))
-        return self.patchify_uint8(resized)
+        return np.asarray(Image.fromarray(rgb).resize((rw, rh), resample=Image.Resampling.BICUBIC))
 
     def normalize(self, chw: np.ndarray) -> np.ndarray:
         """Steps 4-5 on a ``(C, ...)`` uint8 array: ``(float32(x * rescale_factor in float64) - mean) / std``
@@ -324,10 +327,11 @@ class ImageProcessor:
             cached = self._table = (key, np.ascontiguousarray(table, np.float32))
         return cached[1]
 
-    def patchify_uint8(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def patchify_uint8(self, image: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(H, W, C)`` uint8 image (H, W multiples of patch*merge) -> (normalised patches, grid_thw), equal
         to ``patchify(normalize(channels-first image))``: the uint8 pixels are put in patch order and each
-        is looked up in ``_value_table``."""
+        is looked up in ``_value_table``. ``out``: a C-contiguous ``(grid_h*grid_w, D)`` float32 array to
+        write the patches into (returned)."""
         p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
         h, w, c = image.shape
         if h % (p * m) or w % (p * m):
@@ -336,12 +340,17 @@ class ImageProcessor:
         u = image.reshape(gh // m, m, p, gw // m, m, p, c).transpose(0, 3, 1, 4, 6, 2, 5)  # (.., m, m, C, p, p)
         u = np.ascontiguousarray(u).reshape(gh * gw, c, p * p)
         table = self._value_table()
-        out = np.empty((gh * gw, c, t, p * p), np.float32)
+        shape = (gh * gw, c * t * p * p)
+        if out is None:
+            out = np.empty(shape, np.float32)
+        elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
+        o = out.reshape(gh * gw, c, t, p * p)
         for ci in range(c):
-            vals = table[ci][u[:, ci]]
-            for ti in range(t):
-                out[:, ci, ti] = vals
-        return out.reshape(gh * gw, c * t * p * p), np.array([1, gh, gw], dtype=np.int64)
+            np.take(table[ci], u[:, ci], out=o[:, ci, 0], mode="clip")  # uint8 indices: never clipped
+            for ti in range(1, t):
+                o[:, ci, ti] = o[:, ci, 0]
+        return out, np.array([1, gh, gw], dtype=np.int64)
 
     def patchify(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(C, H, W)`` float image (H, W multiples of patch*merge) -> (patches, grid_thw) in HF's order."""
@@ -358,20 +367,24 @@ class ImageProcessor:
 
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> dict[str, np.ndarray]:
         images = as_image_list(images)
-        patches, grids = [], []
+        resized = []
         for i, im in enumerate(images):
             try:
-                pv, g = self.preprocess_one(im)
+                resized.append(self.resize(im))
             except (ValueError, TypeError) as e:
                 if len(images) == 1:
                     raise
                 raise type(e)(f"image {i}: {e}") from e
-            patches.append(pv)
-            grids.append(g)
-        return {
-            "pixel_values": np.concatenate(patches, axis=0),
-            "image_grid_thw": np.stack(grids).astype(np.int64),
-        }
+        p = self.patch_size
+        grids = np.asarray([[1, r.shape[0] // p, r.shape[1] // p] for r in resized], np.int64)
+        counts = grids[:, 1] * grids[:, 2]
+        dim = 3 * self.temporal_patch_size * p * p
+        pixel_values = np.empty((int(counts.sum()), dim), np.float32)  # each image's patches written in place
+        at = 0
+        for r, n in zip(resized, counts.tolist()):
+            self.patchify_uint8(r, out=pixel_values[at: at + n])
+            at += n
+        return {"pixel_values": pixel_values, "image_grid_thw": grids}
 
 
 def num_image_tokens(grid_thw, merge_size: int = 2) -> int | np.ndarray:

@@ -69,3 +69,27 @@ def test_preprocess_one_equals_the_reference_path_on_resized_images():
 def test_size_not_a_multiple_is_refused():
     with pytest.raises(ValueError, match="not a multiple"):
         ImageProcessor().patchify_uint8(np.zeros((30, 28, 3), np.uint8))
+
+
+def test_several_images_are_written_in_place_equal_to_one_by_one():
+    ip = ImageProcessor(max_pixels=64 * 28 * 28)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((100, 37), (56, 56), (300, 90))]
+    out = ip(images)
+    ones = [ip.preprocess_one(im) for im in images]
+    np.testing.assert_array_equal(out["pixel_values"].view(np.uint32),
+                                  np.concatenate([pv for pv, _ in ones]).view(np.uint32))
+    np.testing.assert_array_equal(out["image_grid_thw"], np.stack([g for _, g in ones]))
+    assert out["pixel_values"].dtype == np.float32 and out["image_grid_thw"].dtype == np.int64
+    with pytest.raises(ValueError, match="image 1"):
+        ip([images[0], np.zeros((2, 2, 2), np.uint8)])
+
+
+def test_out_must_fit():
+    ip = ImageProcessor()
+    img = np.zeros((56, 56, 3), np.uint8)
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        ip.patchify_uint8(img, out=np.empty((16, 10), np.float32))
+    buf = np.empty((16, 1176), np.float32)
+    got, _ = ip.patchify_uint8(img, out=buf)
+    assert got is buf
