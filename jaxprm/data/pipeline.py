@@ -444,6 +444,24 @@ class ExampleTransform:
             kind = PROMPT_TOO_LONG if "max_length=" in str(e) else BAD_PROMPT
             return _skip(index, rec.id, kind, e), None
 
+    def _pixels(self, vis: dict | None, count_key: str, unit: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """The image processor's pixels in the batch's dtype (bfloat16: half the memory of a pending example,
+        the same values the batch gets) and its per-image entry ``count_key``; empty ones for no image."""
+        if vis is None:
+            return np.zeros((0, *unit), self.pixel_dtype), np.zeros((0,), np.int64)
+        return (np.asarray(vis["pixel_values"], np.float32).astype(self.pixel_dtype, copy=False),
+                np.asarray(vis[count_key], np.int64).reshape(-1))
+
+    def _check_pixels(self, index: int, rid: str, pixels: np.ndarray, what: str) -> dict | None:
+        """A skip entry when the pixels are not the model's ``what`` (patches/tiles) or too many for a row."""
+        want = (self.patch_dim,) if what == "patches" else self.tile_shape
+        if tuple(pixels.shape[1:]) != tuple(want):
+            return _skip(index, rid, CORRUPT_IMAGE, f"{what} of shape {tuple(pixels.shape[1:])} != model's {tuple(want)}")
+        if pixels.shape[0] > self.max_patches:
+            return _skip(index, rid, TOO_MANY_PATCHES,
+                         f"{pixels.shape[0]} {what} > largest patch bucket {self.max_patches}")
+        return None
+
     def _transform(self, index: int, rid: str, raw: Any) -> dict:
         from jaxprm.models.qwen2_5_vl.rope import get_rope_index
 
@@ -453,18 +471,11 @@ class ExampleTransform:
         if vis is None and isinstance(rec, dict):
             return rec
         rid = rec.id
-        if vis is not None:
-            # in the batch's dtype already: half the memory per buffered example with bfloat16, same values
-            pixel_values = np.asarray(vis["pixel_values"], np.float32).astype(self.pixel_dtype, copy=False)
-            grids = np.asarray(vis["image_grid_thw"], np.int64).reshape(-1, 3)
-        else:
-            pixel_values = np.zeros((0, self.patch_dim), np.float32)
-            grids = np.zeros((0, 3), np.int64)
-        if pixel_values.shape[1] != self.patch_dim:
-            return _skip(index, rid, CORRUPT_IMAGE, f"patch dim {pixel_values.shape[1]} != model's {self.patch_dim}")
-        if pixel_values.shape[0] > self.max_patches:
-            return _skip(index, rid, TOO_MANY_PATCHES,
-                         f"{pixel_values.shape[0]} patches > largest patch bucket {self.max_patches}")
+        pixel_values, grids = self._pixels(vis, "image_grid_thw", (self.patch_dim,))
+        bad = self._check_pixels(index, rid, pixel_values, "patches")
+        if bad:
+            return bad
+        grids = grids.reshape(-1, 3)
         steps, enc = self._encode(index, rec, self.tokenizer, image_grid_thw=grids if len(grids) else None,
                                   merge_size=self.merge)
         if enc is None:
@@ -495,17 +506,10 @@ class ExampleTransform:
         if vis is None and isinstance(rec, dict):
             return rec
         rid = rec.id
-        if vis is not None:
-            tiles = np.asarray(vis["pixel_values"], np.float32).astype(self.pixel_dtype, copy=False)
-            per_image = np.asarray(vis["num_patches"], np.int64).reshape(-1)
-        else:
-            tiles = np.zeros((0, *self.tile_shape), np.float32)
-            per_image = np.zeros((0,), np.int64)
-        if tuple(tiles.shape[1:]) != self.tile_shape:
-            return _skip(index, rid, CORRUPT_IMAGE, f"tiles of shape {tuple(tiles.shape[1:])} != model's {self.tile_shape}")
-        if tiles.shape[0] > self.max_patches:
-            return _skip(index, rid, TOO_MANY_PATCHES,
-                         f"{tiles.shape[0]} tiles > largest patch bucket {self.max_patches} (tiles on InternVL)")
+        tiles, per_image = self._pixels(vis, "num_patches", self.tile_shape)
+        bad = self._check_pixels(index, rid, tiles, "tiles")
+        if bad:
+            return bad
         steps, enc = self._encode(index, rec, internvl_prompt_tokenizer(self.tokenizer),
                                   image_tokens=per_image * self.image_seq_length if len(per_image) else None,
                                   image_pad=INTERNVL_IMAGE_PAD)

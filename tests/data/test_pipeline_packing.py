@@ -13,7 +13,7 @@ import pytest
 from jaxprm.data import pipeline as pl
 from jaxprm.data import tfds_builder as tb
 from jaxprm.data.preprocess import ImageProcessor
-from jaxprm.data.synthetic import build_synthetic_tokenizer, generate_records, tiny_model_config
+from jaxprm.data.synthetic import generate_records
 from jaxprm.models.qwen2_5_vl import rope
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,14 +26,7 @@ BASE = pl.PipelineConfig(
 )
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_synthetic_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def mc(tok):
-    return tiny_model_config(tok)
+from tests.data.test_pipeline import mc, tok  # noqa: E402,F401  (the same tokenizer and tiny model fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +60,17 @@ def _same(a, b):
 
 def _ids(batches):
     return [int(i) for b in batches for i in b["record_index"].reshape(-1) if i >= 0]
+
+
+def _run_with_states(it):
+    """Every element of ``it`` and the state before each (JSON round-tripped)."""
+    states, elems = [], []
+    while True:
+        states.append(json.loads(json.dumps(it.get_state())))
+        try:
+            elems.append(next(it))
+        except StopIteration:
+            return states, elems
 
 
 def _efficiency(batches):
@@ -188,13 +192,7 @@ def test_every_example_lands_intact_in_its_row(data, tok, mc, records):
 def test_lookahead_restores_mid_epoch_exactly_at_every_batch(data, tok, mc, packing):
     kw = dict(packing=packing, num_epochs=2, drop_remainder=True)
     it = iter(_loader(data, tok, mc, **kw))
-    states, batches = [], []
-    while True:
-        states.append(json.loads(json.dumps(it.get_state())))
-        try:
-            batches.append(next(it))
-        except StopIteration:
-            break
+    states, batches = _run_with_states(it)
     ids = _ids(batches)  # two epochs: each record twice, but for the dropped short last batch
     assert len(ids) + it.stats.dropped_remainder == 60 and all(ids.count(i) <= 2 for i in set(ids))
     assert len(set(ids)) == 30
@@ -211,13 +209,7 @@ def test_lookahead_restores_mid_epoch_exactly_at_every_batch(data, tok, mc, pack
 def test_lookahead_restore_with_skipped_records_counts_each_once(bad, tok, mc):
     kw = dict(shuffle=True, seed=2)
     it = iter(_loader(bad, tok, mc, **kw))
-    states, elems = [], []
-    while True:
-        states.append(json.loads(json.dumps(it.get_state())))
-        try:
-            elems.append(next(it))
-        except StopIteration:
-            break
+    states, elems = _run_with_states(it)
     assert it.stats.num_skipped == 3 and it.stats.num_examples == 14
     assert it.stats.skipped_by_reason == {"corrupt_image": 1, "malformed_record": 1, "too_many_images": 1}
     for k in range(len(elems)):
@@ -310,25 +302,6 @@ def test_pipeline_bench_quick_runs(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-def _tb_values(events_dir) -> dict:
-    """tag -> values in the TensorBoard event files (TFRecord framing, tensorboardX protos)."""
-    import struct
-
-    from tensorboardX.proto import event_pb2
-
-    out: dict = {}
-    for f in os.listdir(events_dir):
-        data = open(os.path.join(events_dir, f), "rb").read()
-        pos = 0
-        while pos < len(data):
-            (n,) = struct.unpack("<Q", data[pos:pos + 8])
-            ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
-            pos += 12 + n + 4
-            for v in ev.summary.value:
-                out.setdefault(v.tag, []).append(v.simple_value)
-    return out
-
-
 @pytest.mark.slow  # a 2-step tiny training run: ~35 s on the 2-core machine
 def test_training_logs_the_packing_efficiency(tmp_path, caplog):
     """The periodic log line and TensorBoard carry the loader's efficiencies over the log window."""
@@ -347,8 +320,57 @@ def test_training_logs_the_packing_efficiency(tmp_path, caplog):
     c.train.progress, c.train.export, c.train.eval_every = False, False, 1000
     with caplog.at_level(logging.INFO, logger="jaxprm.train"):
         train(c)
+    import re
+    from pathlib import Path
+
+    from tests.train.test_multihost import _tb_scalars
+
     lines = [r.getMessage() for r in caplog.records if "data/token_efficiency" in r.getMessage()]
-    assert len(lines) == 2 and all("data/patch_efficiency" in ln and "data/label_slot_efficiency" in ln for ln in lines)
-    tb = _tb_values(os.path.join(c.workdir, "events"))
+    assert len(lines) == 2, lines
+    for ln in lines:
+        vals = dict(re.findall(r"(data/\w+)=([0-9.e+-]+)", ln))
+        for k in ("data/token_efficiency", "data/patch_efficiency", "data/label_slot_efficiency"):
+            assert 0 < float(vals[k]) <= 1, ln
+        assert float(vals["data/examples_per_batch"]) >= 8  # packed: at least one example per row
+    tb = _tb_scalars(Path(c.workdir) / "events")
     for tag in ("data/token_efficiency", "data/patch_efficiency", "data/label_slot_efficiency"):
-        assert len(tb[tag]) == 2 and all(0 < v <= 1 for v in tb[tag]), (tag, tb.get(tag))
+        assert tb[tag] == 2, tb
+
+
+def test_internvl_tiles_pack_with_lookahead_and_restore(tmp_path):
+    """InternVL batches (P counts tiles): the lookahead packer fills rows in tokens and tiles, every record
+    once, each example's tiles intact, and the state restores exactly."""
+    from jaxprm.data.preprocess_internvl import InternVLImageProcessor
+    from jaxprm.data.synthetic import build_synthetic_internvl_tokenizer, tiny_internvl_config
+
+    tok = build_synthetic_internvl_tokenizer()
+    mc = tiny_internvl_config(tok)
+    size = int(mc.vision.image_size)
+    recs = (generate_records(8, image_size=(size, size)) + generate_records(8, seed=1, image_size=(size, 2 * size))
+            + generate_records(6, seed=2, image_size=(2 * size, 2 * size)))
+    data = tb.build_dataset(recs, tmp_path / "tfds", progress=False)
+    ip = InternVLImageProcessor(image_size=size, max_tiles=4)
+    cfg = dataclasses.replace(BASE, seq_buckets=(512, 1024), patch_buckets=(4, 8, 12), max_images=4, batch_size=2,
+                              pack_buffer=6, num_epochs=2, drop_remainder=True)
+    loader = pl.make_loader(data, "train", tok, ip, mc, cfg)
+    alone = pl.ExampleTransform(tb.data_source(data, "train"), tok, ip, mc, cfg)
+    it = iter(loader)
+    states, batches = _run_with_states(it)
+    ids = _ids(batches)
+    assert len(ids) + it.stats.dropped_remainder == 2 * len(recs) and len(set(ids)) == len(recs)
+    assert max(int(b["num_examples"].max()) for b in batches) > 1
+    for b in batches[:6]:
+        for r in range(b["input_ids"].shape[0]):
+            poff = off = 0
+            for j in range(int(b["num_examples"][r])):
+                ex = alone(int(b["record_index"][r, j]))
+                n, nt = len(ex["input_ids"]), len(ex["pixel_values"])
+                np.testing.assert_array_equal(b["input_ids"][r, off:off + n], ex["input_ids"])
+                np.testing.assert_array_equal(b["pixel_values"][r, poff:poff + nt], ex["pixel_values"])
+                assert (b["image_flags"][r, poff:poff + nt] == 1).all()
+                off, poff = off + n, poff + nt
+            assert (b["image_flags"][r, poff:] == 0).all() and b["num_patches"][r] == poff
+    for k in (1, len(batches) // 2, len(batches) - 1):
+        it2 = iter(pl.make_loader(data, "train", tok, ip, mc, cfg))
+        it2.set_state(states[k])
+        assert _same(list(it2), batches[k:]), k
