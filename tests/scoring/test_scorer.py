@@ -366,8 +366,9 @@ def test_host_bench_smoke(monkeypatch, capsys):
     import bench.host_bench as hb
 
     monkeypatch.setattr(hb, "candidates", lambda n, seed: [["a step.", "another step."]] * min(n, 2))
-    res = hb.run(before=False)
+    res = hb.run("now", repeat=1)
     assert len(res["rows"]) == 6 and all(r["total_ms"] > 0 and r["prompt_ms"] > 0 for r in res["rows"])
+    assert all(r["share_of_device_budget"] > 0 for r in res["rows"])
 
 
 def test_bench_smoke(tmp_path):
