@@ -374,3 +374,30 @@ def test_internvl_tiles_pack_with_lookahead_and_restore(tmp_path):
         it2 = iter(pl.make_loader(data, "train", tok, ip, mc, cfg))
         it2.set_state(states[k])
         assert _same(list(it2), batches[k:]), k
+
+
+def test_bf16_pixels_give_a_bf16_model_the_same_hidden_states(data, tok, mc):
+    """Why pixel_dtype "auto" is bfloat16 on a bf16 model: the vision tower casts pixel_values to the compute
+    dtype first, so bf16 batches (half the bytes) give exactly the hidden states fp32 batches give."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxprm.models.qwen2_5_vl.model import Qwen25VL
+
+    model = nnx.eval_shape(lambda: Qwen25VL(mc, dtype=jnp.bfloat16, param_dtype=jnp.float32))
+    rng = np.random.default_rng(0)
+    nnx.update(model, jax.tree.map(lambda s: jnp.asarray((rng.standard_normal(s.shape) * 0.02).astype(s.dtype)),
+                                   nnx.state(model, nnx.Param)))
+    shape = dict(seq_buckets=(1536,), patch_buckets=(192,), batch_size=2, shuffle=False)
+    b32 = next(iter(_loader(data, tok, mc, pixel_dtype="float32", **shape)))
+    b16 = next(iter(_loader(data, tok, mc, pixel_dtype="bfloat16", **shape)))
+    assert str(b16["pixel_values"].dtype) == "bfloat16" and b16["pixel_values"].nbytes * 2 == b32["pixel_values"].nbytes
+    np.testing.assert_array_equal(b16["pixel_values"], b32["pixel_values"].astype(b16["pixel_values"].dtype))
+
+    @nnx.jit
+    def hidden(model, b):
+        return model.hidden_states(b["input_ids"], b["position_ids"], b["segment_ids"], b["pixel_values"],
+                                   {k: b[k] for k in pl.LAYOUT_KEYS})
+
+    np.testing.assert_array_equal(np.asarray(hidden(model, b16), np.float32), np.asarray(hidden(model, b32), np.float32))
