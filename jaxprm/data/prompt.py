@@ -430,8 +430,14 @@ _render = render_messages
 #    once per problem, not once per candidate. The first call of each is checked against tokenizing the
 #    whole text; a mismatch turns it off for that tokenizer.
 # ------------------------------------------------------------------------------------------------
+_QWEN_DEFAULT_SYSTEM = ("{% if loop.first and message['role'] != 'system' %}"
+                        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}")
 _CHATML_IMAGE = {QWEN_VL_CHAT_TEMPLATE: ("<|vision_start|><|image_pad|><|vision_end|>", "You are a helpful assistant."),
+                 # the same without the default system turn (fine-tuned Qwen2.5-VL checkpoints ship it too)
+                 QWEN_VL_CHAT_TEMPLATE.replace(_QWEN_DEFAULT_SYSTEM, ""): ("<|vision_start|><|image_pad|><|vision_end|>",
+                                                                          None),
                  INTERNVL_CHAT_TEMPLATE: ("<img><IMG_CONTEXT></img>", None)}
+assert len(_CHATML_IMAGE) == 3, "QWEN_VL_CHAT_TEMPLATE changed: update _QWEN_DEFAULT_SYSTEM"
 
 
 def _hf_apply_chat_template():

@@ -37,6 +37,15 @@ def internvl_tok():
     return internvl_prompt_tokenizer(build_synthetic_internvl_tokenizer())
 
 
+@pytest.fixture(scope="module")
+def nosys_tok():
+    """Qwen's template without the default system turn (as some fine-tuned checkpoints ship it)."""
+    tok = copy.deepcopy(build_synthetic_tokenizer())
+    tok.chat_template = P.QWEN_VL_CHAT_TEMPLATE.replace(P._QWEN_DEFAULT_SYSTEM, "")
+    assert tok.chat_template != P.QWEN_VL_CHAT_TEMPLATE
+    return tok
+
+
 def _jinja(tok, messages, add_generation_prompt=False):
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -46,11 +55,11 @@ def _whole(tok, text):
     return np.asarray(enc["input_ids"], np.int64), np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
 
 
-@pytest.mark.parametrize("which", ["qwen", "internvl"])
+@pytest.mark.parametrize("which", ["qwen", "internvl", "nosys"])
 @pytest.mark.parametrize("style", sorted(PROMPT_STYLES))
 @pytest.mark.parametrize("num_images", [0, 1, 3])
-def test_chatml_render_equals_the_chat_template(qwen_tok, internvl_tok, which, style, num_images):
-    tok = qwen_tok if which == "qwen" else internvl_tok
+def test_chatml_render_equals_the_chat_template(qwen_tok, internvl_tok, nosys_tok, which, style, num_images):
+    tok = {"qwen": qwen_tok, "internvl": internvl_tok, "nosys": nosys_tok}[which]
     spec = P._chatml_spec(tok)
     assert spec is not None
     for steps in ODD_STEPS:
@@ -69,9 +78,11 @@ def test_chatml_render_equals_the_chat_template(qwen_tok, internvl_tok, which, s
                             assert starts[i] == len(_jinja(tok, msgs[:i], True))
 
 
-def test_chatml_default_system_turn_and_string_content(qwen_tok, internvl_tok):
+def test_chatml_default_system_turn_and_string_content(qwen_tok, internvl_tok, nosys_tok):
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "+"}]}]
-    for tok in (qwen_tok, internvl_tok):
+    assert P._render_chatml(msgs, P._chatml_spec(qwen_tok))[0].startswith("<|im_start|>system\nYou are")
+    assert P._render_chatml(msgs, P._chatml_spec(nosys_tok))[0].startswith("<|im_start|>user")
+    for tok in (qwen_tok, internvl_tok, nosys_tok):
         assert P._render_chatml(msgs, P._chatml_spec(tok))[0] == _jinja(tok, msgs)
 
 
@@ -160,12 +171,13 @@ def test_segment_memo_is_rebuilt_when_tokens_are_added():
 
 @pytest.mark.parametrize("style", sorted(PROMPT_STYLES))
 @pytest.mark.parametrize("mode", ["score", "train"])
-def test_encoding_with_fast_paths_equals_without(qwen_tok, internvl_tok, monkeypatch, style, mode):
+def test_encoding_with_fast_paths_equals_without(qwen_tok, internvl_tok, nosys_tok, monkeypatch, style, mode):
     cases = []
     for steps in ODD_STEPS:
         labels = [1, 0, None, 1][: len(steps)] + [None] * max(0, len(steps) - 4)
         for grids in (None, np.array([[1, 4, 6]]), np.array([[1, 4, 6], [1, 2, 2], [1, 6, 4]])):
             cases.append((qwen_tok, steps, labels, dict(image_grid_thw=grids)))
+            cases.append((nosys_tok, steps, labels, dict(image_grid_thw=grids)))
         for tiles in (None, [1], [3, 1]):
             kw = {} if tiles is None else dict(image_tokens=[256 * t for t in tiles], image_pad=P.INTERNVL_IMAGE_PAD)
             cases.append((internvl_tok, steps, labels, kw))
