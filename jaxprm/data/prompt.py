@@ -509,7 +509,7 @@ class _SegmentTokenizer:
     """Tokenizes a text piece by piece between ``split`` tokens (added tokens that split exactly, see
     ``_segment_tokenizer``), memoising the pieces; ids and offsets equal the tokenizer's on the whole text."""
 
-    max_cached = 32768
+    max_cached = 4096  # pieces (a few MB); cleared when full: the hot ones (system turn, glue) come back at once
 
     def __init__(self, split: dict[str, int]):
         self.split = split  # (no reference to the tokenizer: the memo is held weakly by it)
