@@ -549,10 +549,11 @@ class Scorer:
     def warmup(self, *, batch_sizes: Sequence[int] | None = None, lengths: Sequence[int] | None = None,
                patches: Sequence[int] | None = None, prefix_lengths: Sequence[int] | None = None,
                suffix_lengths: Sequence[int] | None = None, full: bool = True, shared: bool = True,
-               text_only: bool = True, incremental: bool = False) -> int:
+               text_only: bool = True, incremental: bool = False, shared_images: bool = True) -> int:
         """Compile (by running dummy batches) every bucket combination, or the given subsets:
         ``full``: batch_sizes x lengths x (0 + patches), with images in both layouts of the pixel rows
-        (each row's own, and one image shared by all rows: best-of-N candidates); ``shared``:
+        (each row's own, and -- unless ``shared_images=False`` -- one image shared by all rows, what
+        ``score_batch`` sends for best-of-N candidates of one problem); ``shared``:
         prefix_lengths x (0 + patches) and batch_sizes x suffix_lengths x prefix_lengths. Values are
         rounded to their buckets; 0 patches (the text-only variant) is included when ``text_only``.
         ``incremental`` (what ``PRM.incremental_scorer``, i.e. guided search, runs): the prefixes as for
@@ -579,7 +580,7 @@ class Scorer:
                 for n in ls:
                     for b in bs:
                         outs.append(self._fns.full(self.state, self._pack([], b, n, p, shared_pixels=False)))
-                        if p and b > 1:  # rows sharing one image (best-of-N candidates of one problem)
+                        if p and b > 1 and shared_images:  # rows sharing one image (best-of-N candidates)
                             outs.append(self._fns.full(self.state, self._pack([], b, n, p, shared_pixels=True)))
         if shared:
             for pl in pls:

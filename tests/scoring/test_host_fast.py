@@ -125,6 +125,11 @@ def test_scores_with_a_shared_image_equal_separate_images(prm):
 
 
 def test_warmup_compiles_the_shared_layout(prm):
+    other = PRM(prm.model, prm.tokenizer, batch_size=4, batch_buckets=(1, 4), length_buckets=(640,),
+                patch_buckets=(32,))  # shapes no other test compiles
+    n = other.warmup(text_only=False, shared=False, shared_images=False)
+    assert n == 2  # full: rows 1 and 4, each row's own image
+    assert other.warmup(text_only=False, shared=False) == 1  # + rows 4 sharing one image
     before = prm.scorer.num_compiles
     prm.warmup(text_only=False, shared=False)
     after = prm.scorer.num_compiles
