@@ -352,6 +352,24 @@ def pipeline_config(c, *, train: bool, seed: int):
         label_mode=encode_mode(c.model.history, train=train))
 
 
+def steps_in_an_epoch(c, loader, n_train: int) -> int:
+    """Optimizer steps per epoch: records // ``train.batch_size`` with one example per row. With
+    ``data.packing`` a batch holds several examples per row (~2x as many on VL-PRM300K-shaped data),
+    so it is the loader's estimate of its packed batches (``PrmLoader.batches_per_epoch``, from a
+    sample of the records; deterministic, so a resumed run gets the same schedule), the smallest over
+    the hosts since training stops when one runs out."""
+    if not c.data.packing:
+        return max(n_train // c.train.batch_size, 1)
+    n = int(loader.batches_per_epoch())
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        n = int(np.min(multihost_utils.process_allgather(np.array([n], np.int64))))
+    log.info("packing: ~%d batches of %d rows per epoch (%.1f records per batch; estimated from a sample)",
+             n, c.train.batch_size, n_train / max(n, 1))
+    return max(n, 1)
+
+
 # exit status of ``python -m jaxprm.train`` when a signal stopped it after saving: 128 + the signal's
 # number, as a shell reports a process killed by it (130: SIGINT/Ctrl-C, 143: SIGTERM/preemption);
 # 0 means finished, 1 an error, 2 a config or usage error.
@@ -455,12 +473,12 @@ def train(c, *, step_hook=None) -> dict:
     if not has_eval:
         log.info("%s has no records in the eval split %r (splits: %s): training without evaluation",
                  data_dir, c.data.eval_split, sizes)
-    steps_per_epoch = max(n_train // c.train.batch_size, 1)
+    train_loader = make_loader(data_dir, c.data.train_split, tok, ip, model_cfg,
+                               pipeline_config(c, train=True, seed=c.model.seed))
+    steps_per_epoch = steps_in_an_epoch(c, train_loader, n_train)
     total_steps = steps_per_epoch * c.train.epochs
     if c.train.max_steps:
         total_steps = min(total_steps, c.train.max_steps)
-    train_loader = make_loader(data_dir, c.data.train_split, tok, ip, model_cfg,
-                               pipeline_config(c, train=True, seed=c.model.seed))
 
     # -- optimizer and state -----------------------------------------------------------------------------
     optimizer, sched = make_optimizer(lr=c.optim.lr, total_steps=steps_per_epoch * c.train.epochs,

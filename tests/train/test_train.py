@@ -435,3 +435,31 @@ def test_lm_token_mask_and_aux_loss(setup):
     np.testing.assert_allclose(m1["lm_loss_sum"], m4["lm_loss_sum"], rtol=1e-5)
     _assert_trees_close(p1, p4, atol=1e-5)
     assert not np.allclose(p0["backbone"]["lm_head"], p1["backbone"]["lm_head"])  # the LM loss trains the head
+
+
+def test_packed_epochs_size_the_schedule(tmp_path, caplog):
+    """With packing a batch holds several examples per row, so an epoch has fewer batches than
+    records / batch_size: the schedule (total steps, learning-rate decay) follows the packed count,
+    and two epochs run to the end instead of stopping early on 'data exhausted' with the schedule
+    half done."""
+    import logging
+
+    from jaxprm.train import steps_in_an_epoch
+
+    c = _tiny_config(str(tmp_path), epochs=2, export=False)
+    c.data.synthetic_train = 64
+    c.data.packing, c.data.pack_buffer = True, 2.0
+    # rows long enough for ~3 of the tiny task's examples (~120 tokens, 16 patches, 2-6 steps each)
+    c.data.seq_buckets, c.data.patch_buckets, c.data.max_steps, c.data.max_images = (384,), (64,), 20, 4
+    with caplog.at_level(logging.INFO, logger="jaxprm.train"):
+        m = train_(c)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert not any("data exhausted" in s for s in msgs), msgs
+    planned = [s for s in msgs if s.startswith("packing: ~")]
+    assert planned, msgs
+    per_epoch = int(planned[0].split("~")[1].split()[0])
+    assert per_epoch < 64 // 8  # several examples per row: fewer batches than records / batch_size
+    assert m["step"] == 2 * per_epoch
+
+    c.data.packing = False  # one example per row: exactly records // batch_size
+    assert steps_in_an_epoch(c, None, 64) == 8
