@@ -103,14 +103,15 @@ class Run:
             time.sleep(0.2)
 
 
-def launch(workdir: Path, args: list[str], *, hosts: int = HOSTS, ids_dir: Path | None = None) -> Run:
+def launch(workdir: Path, args: list[str], *, hosts: int = HOSTS, local: int = LOCAL_DEVICES,
+           ids_dir: Path | None = None) -> Run:
     """``hosts`` processes of ``launch/gpu_multihost.sh configs/tiny.py --config.workdir=... args``."""
     port = free_port()
     workdir.parent.mkdir(parents=True, exist_ok=True)
     procs, paths = [], []
     for i in range(hosts):
         path = workdir.parent / f"{workdir.name}.process{i}.{int(time.time() * 1000)}.log"
-        env = {**_env(LOCAL_DEVICES, ids_dir), "COORDINATOR": f"127.0.0.1:{port}", "NUM_HOSTS": str(hosts),
+        env = {**_env(local, ids_dir), "COORDINATOR": f"127.0.0.1:{port}", "NUM_HOSTS": str(hosts),
                "HOST_ID": str(i)}
         with open(path, "w") as f:
             procs.append(subprocess.Popen(["bash", str(LAUNCHER), "configs/tiny.py", f"--config.workdir={workdir}",
@@ -161,6 +162,10 @@ class MergedIterator:
             out.append(t._pad_rows(p.pad_batch(b, seq, pat), rows))
         return {{k: np.concatenate([b[k] for b in out], axis=1 if k == "position_ids" else 0) for k in out[0]}}
 
+    @property
+    def stats(self):  # what process 0 of a multi-host run logs: its own loader's counters
+        return self.its[0].stats
+
     def get_state(self):
         return {{"shards": [it.get_state() for it in self.its]}}
 
@@ -188,10 +193,12 @@ t.main(sys.argv)
 """
 
 
-def run_reference(workdir: Path, args: list[str], ids_dir: Path) -> subprocess.CompletedProcess:
-    env = _env(HOSTS * LOCAL_DEVICES, ids_dir)
+def run_reference(workdir: Path, args: list[str], ids_dir: Path, *, hosts: int = HOSTS,
+                  local: int = LOCAL_DEVICES) -> subprocess.CompletedProcess:
+    """One process with ``hosts * local`` devices, fed the global batches of ``hosts`` hosts."""
+    env = _env(hosts * local, ids_dir)
     try:
-        r = subprocess.run([sys.executable, "-c", _REFERENCE.format(hosts=HOSTS, local=LOCAL_DEVICES),
+        r = subprocess.run([sys.executable, "-c", _REFERENCE.format(hosts=hosts, local=local),
                             "--config", "configs/tiny.py", f"--config.workdir={workdir}", *args],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired as e:
@@ -259,8 +266,8 @@ def _assert_params_equal(a: Path, b: Path) -> None:
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
-def _ids(ids_dir: Path, split: str, shard: int) -> list[list[str]]:
-    f = ids_dir / f"{split}.shard-{shard}-of-{HOSTS}.jsonl"
+def _ids(ids_dir: Path, split: str, shard: int, hosts: int = HOSTS) -> list[list[str]]:
+    f = ids_dir / f"{split}.shard-{shard}-of-{hosts}.jsonl"
     return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
 
 
@@ -301,6 +308,40 @@ def test_two_hosts_train_like_one_host_with_four_devices(base, records, tmp_path
             np.testing.assert_allclose(m_mh[k], m_ref[k], rtol=METRICS_RTOL, err_msg=k)
     for k in ("eval/acc", "eval/macro_f1", "eval/steps", "train/acc"):  # counts: exact
         assert m_mh[k] == m_ref[k], k
+
+
+@pytest.mark.slow  # two runs of about a minute each on 2 cores
+def test_four_hosts_of_one_device_train_like_one_host_with_four(records, tmp_path):
+    """4 processes x 1 device on the (data=2, fsdp=2) mesh, one epoch: each host reads its own
+    quarter of the records (every record once), and the parameters and metrics equal those of one
+    process x 4 devices fed the same global batches (up to float32 summation order, as for 2 x 2)."""
+    hosts = 4
+    args = train_args(records, **{"train.epochs": 1})
+    run = launch(tmp_path / "mh4", args, hosts=hosts, local=1, ids_dir=tmp_path / "ids4")
+    assert run.wait() == [0] * hosts, run.logs()
+    run_reference(tmp_path / "ref4", args, tmp_path / "ref4_ids", hosts=hosts, local=1)
+    shards = [_ids(tmp_path / "ids4", "train", i, hosts) for i in range(hosts)]
+    assert all(len(b) == BATCH // hosts for batches in shards for b in batches)
+    every = collections.Counter(x for batches in shards for b in batches for x in b)
+    assert sorted(every) == sorted(records["train"]) and set(every.values()) == {1}  # disjoint, covering
+    for split in ("train", "validation"):
+        for i in range(hosts):
+            assert _ids(tmp_path / "ref4_ids", split, i, hosts) == _ids(tmp_path / "ids4", split, i, hosts), (split, i)
+    a = jax.tree_util.tree_leaves_with_path(_params(tmp_path / "mh4"))
+    b = jax.tree_util.tree_leaves_with_path(_params(tmp_path / "ref4"))
+    assert len(a) == len(b) > 10
+    for (path, x), (_, y) in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=PARAMS_ATOL, rtol=0, err_msg=jax.tree_util.keystr(path))
+    m_mh = json.loads((tmp_path / "mh4" / "final_metrics.json").read_text())
+    m_ref = json.loads((tmp_path / "ref4" / "final_metrics.json").read_text())
+    assert m_mh["step"] == m_ref["step"] == N_TRAIN // BATCH
+    for k in m_ref:
+        if not k.startswith("perf/"):
+            np.testing.assert_allclose(m_mh[k], m_ref[k], rtol=METRICS_RTOL, err_msg=k)
+    for k in ("eval/acc", "eval/macro_f1", "eval/steps", "train/acc"):
+        assert m_mh[k] == m_ref[k], k
+    wrote = [("tfds_builder: wrote" in run.log(i)) for i in range(hosts)]
+    assert wrote == [True] + [False] * (hosts - 1)  # imported once, on process 0
 
 
 @pytest.mark.slow  # the shared 2-process run (`base`) takes about a minute
