@@ -173,12 +173,34 @@ class InternVLImageProcessor:
         return c * r + (1 if self.use_thumbnail and c * r > 1 else 0)
 
     # -- processing --------------------------------------------------------------------------------------
-    def normalize(self, tile: np.ndarray) -> np.ndarray:
-        """(S, S, 3) uint8 -> (3, S, S) float32, rescaled and normalised as HF does."""
-        x = (np.moveaxis(tile, -1, 0).astype(np.float64) * self.rescale_factor).astype(np.float32)
-        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
-        std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
+    def normalize_values(self, chw: np.ndarray) -> np.ndarray:
+        """Rescale and normalise a ``(3, ...)`` uint8 array as HF does: ``(float32(x * rescale_factor in
+        float64) - mean) / std`` in float32."""
+        x = (np.asarray(chw).astype(np.float64) * self.rescale_factor).astype(np.float32)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        mean = np.asarray(self.image_mean, dtype=np.float32).reshape(shape)
+        std = np.asarray(self.image_std, dtype=np.float32).reshape(shape)
         return (x - mean) / std
+
+    def _value_table(self) -> np.ndarray:
+        """(3, 256) float32: ``normalize_values`` of every uint8 value per channel (computed once)."""
+        key = (self.rescale_factor, self.image_mean, self.image_std)
+        cached = getattr(self, "_table", None)
+        if cached is None or cached[0] != key:
+            table = self.normalize_values(np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 256)))
+            cached = self._table = (key, np.ascontiguousarray(table, np.float32))
+        return cached[1]
+
+    def normalize(self, tile: np.ndarray) -> np.ndarray:
+        """(S, S, 3) uint8 -> (3, S, S) float32, rescaled and normalised as HF does: each value looked up
+        in the per-channel table of ``normalize_values`` (the same float32 results, ~4x faster than the
+        float64 arithmetic on every pixel)."""
+        chw = np.moveaxis(np.asarray(tile, np.uint8), -1, 0)
+        table = self._value_table()
+        out = np.empty(chw.shape, np.float32)
+        for c in range(chw.shape[0]):
+            np.take(table[c], chw[c], out=out[c], mode="clip")  # uint8 indices: never clipped
+        return out
 
     def preprocess_one(self, image: ImageLike) -> np.ndarray:
         """One image -> (tiles, 3, S, S) float32."""
