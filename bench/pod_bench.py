@@ -42,17 +42,21 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 GiB = 2**30
-# HBM per chip (GiB), from the published TPU specifications.
-HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
-# (config, model preset, topology): the README's table.
+# HBM per chip (GiB) that XLA's TPU compiler counts as available (its RESOURCE_EXHAUSTED message).
+# XLA refuses a program whose temporaries alone exceed it; a run also needs the arguments there, so a
+# row fits when its peak (arguments + temporaries + outputs - donated) does.
+HBM_GIB = {"v5e": 15.75, "v5p": 95.74}
+# (config, model preset, topology, config overrides): the README's table.
 TABLE = (
-    ("configs/qwen2_5_vl_3b.py", "qwen2.5-vl-3b", "v5p:2x2x1"),
-    ("configs/qwen2_5_vl_3b.py", "qwen2.5-vl-3b", "v5p:2x2x2"),
-    ("configs/qwen2_5_vl_3b.py", "qwen2.5-vl-3b", "v5e:2x4"),
-    ("configs/qwen2_5_vl_7b.py", "qwen2.5-vl-7b", "v5p:2x2x1"),
-    ("configs/qwen2_5_vl_7b.py", "qwen2.5-vl-7b", "v5p:2x2x2"),
-    ("configs/qwen2_5_vl_7b.py", "qwen2.5-vl-7b", "v5p:2x2x4"),
-    ("configs/qwen2_5_vl_7b.py", "qwen2.5-vl-7b", "v5e:2x4"),
+    ("configs/qwen2_5_vl_3b.py", "qwen2.5-vl-3b", "v5p:2x2x1", ()),
+    ("configs/qwen2_5_vl_3b.py", "qwen2.5-vl-3b", "v5p:2x2x2", ()),
+    ("configs/qwen2_5_vl_3b.py", "qwen2.5-vl-3b", "v5e:2x4", ()),
+    ("configs/qwen2_5_vl_3b.py", "qwen2.5-vl-3b", "v5e:2x4", ("model.remat='full'",)),
+    ("configs/qwen2_5_vl_3b.py", "qwen2.5-vl-3b", "v5e:4x4", ("model.remat='full'",)),
+    ("configs/qwen2_5_vl_7b.py", "qwen2.5-vl-7b", "v5p:2x2x1", ()),
+    ("configs/qwen2_5_vl_7b.py", "qwen2.5-vl-7b", "v5p:2x2x2", ()),
+    ("configs/qwen2_5_vl_7b.py", "qwen2.5-vl-7b", "v5p:2x2x4", ()),
+    ("configs/qwen2_5_vl_7b.py", "qwen2.5-vl-7b", "v5e:2x4", ()),
 )
 PALLAS_TARGET = "tpu_custom_call"
 
@@ -222,7 +226,8 @@ def analyse(args) -> dict:
     except Exception as e:  # XLA refuses a program that cannot fit the chip's memory
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        row.update(fits=False, error=str(e).strip().splitlines()[0][:400], compile_s=time.perf_counter() - t)
+        row.update(fits=False, compiled=False, error=str(e).strip().splitlines()[0][:400],
+                   compile_s=time.perf_counter() - t)
         return row
     compile_s = time.perf_counter() - t - trace_s
     m = compiled.memory_analysis()
@@ -230,10 +235,11 @@ def analyse(args) -> dict:
     if args.hlo:
         with open(args.hlo, "w") as f:
             f.write(hlo)
+    peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes) / GiB
     row.update(
-        fits=True, trace_s=trace_s, compile_s=compile_s,
+        fits=row["hbm_gib"] is None or peak <= row["hbm_gib"], compiled=True, trace_s=trace_s, compile_s=compile_s,
         arguments_gib=m.argument_size_in_bytes / GiB, temporaries_gib=m.temp_size_in_bytes / GiB,
-        peak_gib=(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes) / GiB,
+        peak_gib=peak,
         kernels=count_kernels(hlo),
     )
     return row
@@ -256,36 +262,49 @@ def describe(r: dict) -> str:
     head = (f"{r['model']} {r['program']} on {r['topology']} ({r['chips']} chips, mesh {r['mesh']}), "
             f"{r['global_batch']} rows x {r['seq']} tokens x {r['patches']} patches, accum {r['grad_accum']} "
             f"({r['rows_per_chip']} rows/chip/micro-batch)")
-    if not r["fits"]:
+    if not r["compiled"]:
         return f"{head}: does not fit: {r['error']}"
-    return (f"{head}: per chip arguments {r['arguments_gib']:.1f} GiB, temporaries {r['temporaries_gib']:.1f} GiB, "
+    over = "" if r["fits"] else " (DOES NOT FIT)"
+    return (f"{head}{over}: per chip arguments {r['arguments_gib']:.1f} GiB, temporaries {r['temporaries_gib']:.1f} GiB, "
             f"peak {r['peak_gib']:.1f} of {r['hbm_gib']} GiB; Pallas kernels {r['kernels'] or 'none'} "
             f"(compile {r['compile_s']:.0f}s)")
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| model | TPU (chips) | mesh data x fsdp x tensor | global batch (accum, rows/chip) | "
-           "per chip: arguments | temporaries | peak / HBM | Pallas kernels |",
+    out = ["| model (remat; weights / Adam μ) | TPU (chips) | mesh data x fsdp x tensor | global batch x tokens "
+           "(accum, rows per chip) | per chip: arguments | temporaries | peak / HBM | Pallas kernels fwd / dq / dkv |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mesh = "x".join(str(r["mesh"][k]) for k in ("data", "fsdp", "tensor"))
+        model = f"{r['model']} ({r['remat']}; {_short(r['param_dtype'])} / {_short(r['mu_dtype'])})"
         b = f"{r['global_batch']} x {r['seq']} ({r['grad_accum']}, {r['rows_per_chip']})"
-        if r["fits"]:
-            k = sum(r["kernels"].values())
-            out.append(f"| {r['model']} | {r['topology']} ({r['chips']}) | {mesh} | {b} | {r['arguments_gib']:.1f} GiB | "
-                       f"{r['temporaries_gib']:.1f} GiB | **{r['peak_gib']:.1f}** / {r['hbm_gib']} GiB | {k} |")
+        if r["compiled"]:
+            k = " / ".join(str(sum(n for name, n in r["kernels"].items() if f"_{kind}_" in name))
+                           for kind in ("fwd", "dq", "dkv"))
+            out.append(f"| {model} | {r['topology']} ({r['chips']}) | {mesh} | {b} | {r['arguments_gib']:.1f} GiB | "
+                       f"{r['temporaries_gib']:.1f} GiB | {_peak(r)} | {k} |")
         else:
-            out.append(f"| {r['model']} | {r['topology']} ({r['chips']}) | {mesh} | {b} | — | — | "
-                       f"does not fit | — |")
+            need = re.search(r"temporaries \(([\d.]+G)\)", r["error"])
+            why = f"no: temporaries {need.group(1)}iB" if need else "no"
+            out.append(f"| {model} | {r['topology']} ({r['chips']}) | {mesh} | {b} | — | — | {why} / {r['hbm_gib']} GiB | — |")
     return "\n".join(out)
+
+
+def _peak(r: dict) -> str:
+    peak = f"{r['peak_gib']:.1f} / {r['hbm_gib']} GiB"
+    return f"**{peak}**" if r["fits"] else f"{peak}: over"
+
+
+def _short(dtype: str) -> str:
+    return {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
 
 
 def run_table(args) -> list[dict]:
     rows = []
-    for config, model, topology in TABLE:
+    for config, model, topology, overrides in TABLE:
         cmd = [sys.executable, os.path.abspath(__file__), "--config", config, "--model", model, "--topology", topology,
                "--json", "/dev/stdout"]
-        for o in args.override:
+        for o in (*overrides, *args.override):
             cmd += ["--override", o]
         print("$", " ".join(cmd[1:]), flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -313,7 +332,7 @@ def main(argv=None):
             json.dump(row, f, indent=2)
     else:
         print(describe(row))
-    if args.check_kernels and row["fits"] and not row["kernels"]:
+    if args.check_kernels and row["compiled"] and not row["kernels"]:
         print("no Pallas kernel in the compiled TPU program: attention fell back to XLA", file=sys.stderr)
         raise SystemExit(1)
     return row
