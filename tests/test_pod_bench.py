@@ -11,7 +11,7 @@ import sys
 import pytest
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                reason='needs the TPU compiler: pip install "jax[tpu]" (no TPU needed)')
+                                reason='needs the TPU compiler: pip install -e ".[tpu-aot]" (no TPU needed)')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the tiny model on a (data=1, fsdp=2, tensor=2) mesh of the 4 chips; 8 rows of 256 tokens
