@@ -13,9 +13,9 @@ What it measures:
     phase. The records are written with ``tfds_builder.build_dataset`` and read back through
     ``ExampleTransform``, so the numbers include everything a worker does.
 (b) packing efficiency (real tokens / B*L, real patches / B*P, used label slots / B*S) of the
-    batches ``make_loader`` builds under ``configs/qwen2_5_vl_3b.py``'s batch size (64 rows on one
-    host): the old defaults (buckets (2048, 4096) x (4096, 16384), one example per row, and
-    ``packing=True`` first-fit) against the config's current data settings (lookahead packing).
+    batches ``make_loader`` builds: the old 3B defaults (64 rows on one host, buckets (2048, 4096) x
+    (4096, 16384), one example per row, and ``packing=True`` first-fit) against
+    ``configs/qwen2_5_vl_3b.py``'s current data settings (lookahead packing, 32 rows of ~2 examples).
     Sizes come from the same prompt encoding and image grids as (a) (checked against ``ExampleTransform``
     on the records of (a)), for a few thousand examples, through ``pipeline.simulate_packing`` (the
     loader's own ``BatchIterator``, without pixels).
@@ -248,8 +248,9 @@ def packing_configs():
     c = qwen2_5_vl_3b.get_config()
     new = dataclasses.replace(pipeline_config(c, train=True, seed=0), worker_count=0, shard_index=0, shard_count=1,
                               label_mode="train")
-    old = dataclasses.replace(new, seq_buckets=(2048, 4096), patch_buckets=(4096, 16384), max_steps=32, packing=False,
-                              pack_buffer=0, pixel_dtype="float32")
+    # the 3B config before lookahead packing: 64 rows of one example each, its buckets, fp32 pixels
+    old = dataclasses.replace(new, batch_size=64, seq_buckets=(2048, 4096), patch_buckets=(4096, 16384), max_steps=32,
+                              packing=False, pack_buffer=0, pixel_dtype="float32")
     return [("before: one example per row", old),
             ("before: packing=True (first-fit)", dataclasses.replace(old, packing=True)),
             ("now: configs/qwen2_5_vl_3b.py", new)]
