@@ -21,10 +21,10 @@ def get_config():
     c.data.label_rule = ""
     # data: measured by bench/pipeline_bench.py on VL-PRM300K-shaped examples (256-1280 image tokens,
     # 4-24 steps; README "Input pipeline"). Several examples per row, chosen by the lookahead packer from
-    # 4 x 64 pending ones so that every row is ~96% full of tokens and ~92% of patches (one example per row
-    # in the old (2048, 4096) x (4096, 16384) buckets: 44% and 19%)
+    # 8 x 32 pending ones so that every row is ~95% full of tokens and ~91% of patches (one example per row
+    # in the old (2048, 4096) x (4096, 16384) buckets: 45% and 16%)
     c.data.packing = True
-    c.data.pack_buffer = 4.0  # x rows per host = examples held for the lookahead packer
+    c.data.pack_buffer = 8.0  # x rows per host = examples held for the lookahead packer (256 at 32 rows)
     c.data.seq_buckets = (4096,)  # holds the longest example (3.1k tokens in the bench)
     # rows carry ~1.4 patches per token on this data; buckets ~20% apart keep patch padding < 10% for
     # other mixes too (the largest holds two 1280-token images)
