@@ -4,7 +4,10 @@ kernels it contains.
 
     pip install "jax[tpu]"      # libtpu: the TPU compiler; nothing runs on a TPU
     python bench/pod_bench.py --config configs/qwen2_5_vl_3b.py --model qwen2.5-vl-3b --topology v5p:2x2x1
+    python bench/pod_bench.py --config configs/qwen2_5_vl_3b.py --config.model.remat=full --topology v5e:4x4
     python bench/pod_bench.py --table --json runs/pod_table.json      # the README's table (all rows)
+
+``--config`` and its ``--config.KEY=VALUE`` overrides are read as ``python -m jaxprm.train`` reads them.
 
 What is compiled is what ``python -m jaxprm.train --config X`` runs on that pod: the config's mesh
 (``mesh.data`` / ``mesh.fsdp`` / ``mesh.tensor`` over the topology's chips), its dtypes, remat
@@ -46,13 +49,13 @@ GiB = 2**30
 # XLA refuses a program whose temporaries alone exceed it; a run also needs the arguments there, so a
 # row fits when its peak (arguments + temporaries + outputs - donated) does.
 HBM_GIB = {"v5e": 15.75, "v5p": 95.74}
-# (config, model preset, topology, config overrides): the README's table.
+# (config, model preset, topology, config overrides as on the train command line): the README's table.
 TABLE = (
     ("configs/qwen2_5_vl_3b.py", "qwen2.5-vl-3b", "v5p:2x2x1", ()),
     ("configs/qwen2_5_vl_3b.py", "qwen2.5-vl-3b", "v5p:2x2x2", ()),
     ("configs/qwen2_5_vl_3b.py", "qwen2.5-vl-3b", "v5e:2x4", ()),
-    ("configs/qwen2_5_vl_3b.py", "qwen2.5-vl-3b", "v5e:2x4", ("model.remat='full'",)),
-    ("configs/qwen2_5_vl_3b.py", "qwen2.5-vl-3b", "v5e:4x4", ("model.remat='full'",)),
+    ("configs/qwen2_5_vl_3b.py", "qwen2.5-vl-3b", "v5e:2x4", ("--config.model.remat=full",)),
+    ("configs/qwen2_5_vl_3b.py", "qwen2.5-vl-3b", "v5e:4x4", ("--config.model.remat=full",)),
     ("configs/qwen2_5_vl_7b.py", "qwen2.5-vl-7b", "v5p:2x2x1", ()),
     ("configs/qwen2_5_vl_7b.py", "qwen2.5-vl-7b", "v5p:2x2x2", ()),
     ("configs/qwen2_5_vl_7b.py", "qwen2.5-vl-7b", "v5p:2x2x4", ()),
@@ -62,12 +65,11 @@ PALLAS_TARGET = "tpu_custom_call"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/qwen2_5_vl_3b.py", help="a training config file (path.py[:arg])")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                epilog="--config FILE and --config.KEY=VALUE overrides: as for python -m jaxprm.train "
+                                       "(default --config=configs/qwen2_5_vl_3b.py)")
     p.add_argument("--model", default="qwen2.5-vl-3b", help="model preset (jaxprm.models.qwen2_5_vl.presets) or 'tiny'")
     p.add_argument("--topology", default="v5p:2x2x1", help="TPU topology, e.g. v5p:2x2x1 (4 chips), v5e:2x4 (8 chips)")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override as on the train command line, e.g. train.batch_size=32 (repeatable)")
     p.add_argument("--seq", type=int, default=0, help="tokens per row (default: the config's largest seq bucket)")
     p.add_argument("--patches", type=int, default=0, help="patches per row (default: the largest patch bucket)")
     p.add_argument("--score", action="store_true", help="compile the scoring forward instead of the train step")
@@ -75,7 +77,15 @@ def parse_args(argv=None):
     p.add_argument("--hlo", default="", help="write the compiled program's HLO text here")
     p.add_argument("--table", action="store_true", help="every row of the README's table, one subprocess each")
     p.add_argument("--json", default="", help="write the result(s) here")
-    return p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    bad = [a for i, a in enumerate(rest) if not re.match(r"^--?config(\.|=|$)", a)
+           and not (i and re.match(r"^--?config$", rest[i - 1]))]  # the value of a bare --config
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
+    if not any(re.match(r"^--?config(=|$)", a) for a in rest):
+        rest = ["--config=configs/qwen2_5_vl_3b.py", *rest]
+    args.config_args = rest
+    return args
 
 
 def topology_devices(topology: str):
@@ -98,22 +108,27 @@ def _model_config(name: str):
     return model_config(name)
 
 
-def _override(c, items) -> None:
-    import ast
+def load_train_config(config_args: list[str]):
+    """The config of ``--config FILE [--config.KEY=VALUE ...]``, parsed as ``python -m jaxprm.train`` parses
+    it (``jaxprm.config.parse_flags``: unknown fields and bad values are usage errors)."""
+    from absl import flags
+    from ml_collections import config_flags
 
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--override {item!r}: expected KEY=VALUE")
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            pass
-        node = c
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+    from jaxprm.config import parse_flags
+
+    argv = ["bench/pod_bench.py", *config_args]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=False, sys_argv=argv)
+    parse_flags(argv, fv, prog="bench/pod_bench.py")
+    return fv.config
+
+
+def config_path(config_args: list[str]) -> str:
+    for i, a in enumerate(config_args):
+        m = re.match(r"^--?config(?:=(.*))?$", a)
+        if m:
+            return m.group(1) if m.group(1) is not None else config_args[i + 1]
+    return ""
 
 
 def count_kernels(hlo_text: str) -> dict[str, int]:
@@ -134,7 +149,6 @@ def analyse(args) -> dict:
     from jax.sharding import NamedSharding, PartitionSpec
 
     from jaxprm import sharding as shd
-    from jaxprm.config import load_config
     from jaxprm.data.pipeline import batch_spec
     from jaxprm.models import attention
     from jaxprm.models.prm import PRMModel, PRMSpec
@@ -143,8 +157,7 @@ def analyse(args) -> dict:
     from jaxprm.train import pipeline_config
     from jaxprm.train_step import make_train_step, split_params
 
-    c = load_config(args.config)
-    _override(c, args.override)
+    c = load_train_config(args.config_args)
     devices = topology_devices(args.topology)
     if args.score:  # PRM.score runs on one device (jaxprm.scoring.device)
         devices = devices[:1]
@@ -213,7 +226,8 @@ def analyse(args) -> dict:
             opt_bytes = _nbytes(opt_abs)
         lowered = traced.lower(lowering_platforms=("tpu",))
     trace_s = time.perf_counter() - t
-    row = {"config": args.config, "model": args.model, "topology": args.topology, "chips": chips,
+    row = {"config": config_path(args.config_args), "overrides": [a for a in args.config_args if "--config." in a],
+           "model": args.model, "topology": args.topology, "chips": chips,
            "program": "score forward" if args.score else "train step",
            "mesh": {k: int(v) for k, v in mesh.shape.items()}, "global_batch": batch_size, "grad_accum": accum,
            "rows_per_chip": batch_size // accum // dp, "seq": seq, "patches": patches,
@@ -301,11 +315,10 @@ def _short(dtype: str) -> str:
 
 def run_table(args) -> list[dict]:
     rows = []
+    extra = [a for a in args.config_args if "--config." in a]  # overrides for every row
     for config, model, topology, overrides in TABLE:
-        cmd = [sys.executable, os.path.abspath(__file__), "--config", config, "--model", model, "--topology", topology,
-               "--json", "/dev/stdout"]
-        for o in (*overrides, *args.override):
-            cmd += ["--override", o]
+        cmd = [sys.executable, os.path.abspath(__file__), f"--config={config}", *overrides, *extra, "--model", model,
+               "--topology", topology, "--json", "/dev/stdout"]
         print("$", " ".join(cmd[1:]), flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:

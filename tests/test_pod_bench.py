@@ -16,8 +16,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the tiny model on a (data=1, fsdp=2, tensor=2) mesh of the 4 chips; 8 rows of 256 tokens
 TINY = ["--config", "configs/tiny.py", "--model", "tiny", "--topology", "v5p:2x2x1",
-        "--override", "mesh.data=1", "--override", "mesh.fsdp=2", "--override", "mesh.tensor=2",
-        "--override", "train.batch_size=8", "--override", "train.grad_accum=1", "--seq", "256"]
+        "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+        "--config.train.batch_size=8", "--config.train.grad_accum=1", "--seq", "256"]
 
 
 def pod_bench(tmp_path, *args):
@@ -51,9 +51,16 @@ def test_scoring_forward_compiles_with_the_kernel(tmp_path):
     assert kinds(row["kernels"]) == {"fwd"}, row["kernels"]
 
 
+def test_config_overrides_are_read_as_train_reads_them(tmp_path):
+    """A config field that does not exist is a usage error naming it (exit 2), as with jaxprm.train."""
+    proc, row = pod_bench(tmp_path, "--config.mesh.fdsp=2")
+    assert proc.returncode == 2 and row is None
+    assert "no such config field" in proc.stderr and "mesh.fdsp" in proc.stderr
+
+
 def test_check_kernels_fails_on_a_fallback_to_xla(tmp_path):
     """With XLA attention forced, the compiled program has no kernel, and the check says so."""
-    proc, row = pod_bench(tmp_path, "--override", "model.attn_impl='xla'", "--check-kernels")
+    proc, row = pod_bench(tmp_path, "--config.model.attn_impl=xla", "--check-kernels")
     assert proc.returncode == 1
     assert row["fits"] and row["kernels"] == {}
     assert "fell back to XLA" in proc.stderr
