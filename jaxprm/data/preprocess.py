@@ -171,7 +171,35 @@ def as_image_list(images) -> list:
     return images
 
 
-class ImageProcessor:
+class RescaleNormalize:
+    """HF's rescale + normalise of uint8 pixels, for an image processor with ``rescale_factor``,
+    ``image_mean`` and ``image_std`` (both backbones' processors): ``normalize`` computes it,
+    ``_value_table`` holds its 256 results per channel, so a pixel is one table look-up."""
+
+    rescale_factor: float
+    image_mean: tuple
+    image_std: tuple
+
+    def normalize(self, chw: np.ndarray) -> np.ndarray:
+        """A ``(C, ...)`` uint8 array -> ``(float32(x * rescale_factor in float64) - mean) / std`` in
+        float32, as HF does."""
+        x = (np.asarray(chw).astype(np.float64) * self.rescale_factor).astype(np.float32)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        mean = np.asarray(self.image_mean, dtype=np.float32).reshape(shape)
+        std = np.asarray(self.image_std, dtype=np.float32).reshape(shape)
+        return (x - mean) / std
+
+    def _value_table(self) -> np.ndarray:
+        """(3, 256) float32: ``normalize`` of every uint8 value per channel (computed once)."""
+        key = (self.rescale_factor, self.image_mean, self.image_std)
+        cached = getattr(self, "_table", None)
+        if cached is None or cached[0] != key:
+            table = self.normalize(np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 256)))
+            cached = self._table = (key, np.ascontiguousarray(table, np.float32))
+        return cached[1]
+
+
+class ImageProcessor(RescaleNormalize):
     """numpy/Pillow twin of transformers' ``Qwen2VLImageProcessorPil``.
 
     ``__call__(images)`` returns ``{"pixel_values": (N_patches, C*T*P*P) float32,
@@ -308,24 +336,6 @@ class ImageProcessor:
         height, width = rgb.shape[:2]
         rh, rw = self.resized_size(height, width)
         return np.asarray(Image.fromarray(rgb).resize((rw, rh), resample=Image.Resampling.BICUBIC))
-
-    def normalize(self, chw: np.ndarray) -> np.ndarray:
-        """Steps 4-5 on a ``(C, ...)`` uint8 array: ``(float32(x * rescale_factor in float64) - mean) / std``
-        in float32, as HF does."""
-        x = (np.asarray(chw).astype(np.float64) * self.rescale_factor).astype(np.float32)
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        mean = np.asarray(self.image_mean, dtype=np.float32).reshape(shape)
-        std = np.asarray(self.image_std, dtype=np.float32).reshape(shape)
-        return (x - mean) / std
-
-    def _value_table(self) -> np.ndarray:
-        """(3, 256) float32: ``normalize`` of every uint8 value per channel (computed once)."""
-        key = (self.rescale_factor, self.image_mean, self.image_std)
-        cached = getattr(self, "_table", None)
-        if cached is None or cached[0] != key:
-            table = self.normalize(np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 256)))
-            cached = self._table = (key, np.ascontiguousarray(table, np.float32))
-        return cached[1]
 
     def patchify_uint8(self, image: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(H, W, C)`` uint8 image (H, W multiples of patch*merge) -> (normalised patches, grid_thw), equal

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from jaxprm.atomic import atomic_write_json
-from jaxprm.data.preprocess import ImageLike, as_image_list, to_rgb_array
+from jaxprm.data.preprocess import ImageLike, RescaleNormalize, as_image_list, to_rgb_array
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -85,7 +85,7 @@ def dynamic_tiles(rgb: np.ndarray, tile: int = 448, min_tiles: int = 1, max_tile
     return tiles
 
 
-class InternVLImageProcessor:
+class InternVLImageProcessor(RescaleNormalize):
     """numpy/Pillow twin of transformers' ``GotOcr2ImageProcessorPil`` as InternVL configures it.
 
     ``__call__(images)`` returns ``{"pixel_values": (N_tiles, 3, S, S) float32, "num_patches":
@@ -173,28 +173,10 @@ class InternVLImageProcessor:
         return c * r + (1 if self.use_thumbnail and c * r > 1 else 0)
 
     # -- processing --------------------------------------------------------------------------------------
-    def normalize_values(self, chw: np.ndarray) -> np.ndarray:
-        """Rescale and normalise a ``(3, ...)`` uint8 array as HF does: ``(float32(x * rescale_factor in
-        float64) - mean) / std`` in float32."""
-        x = (np.asarray(chw).astype(np.float64) * self.rescale_factor).astype(np.float32)
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        mean = np.asarray(self.image_mean, dtype=np.float32).reshape(shape)
-        std = np.asarray(self.image_std, dtype=np.float32).reshape(shape)
-        return (x - mean) / std
-
-    def _value_table(self) -> np.ndarray:
-        """(3, 256) float32: ``normalize_values`` of every uint8 value per channel (computed once)."""
-        key = (self.rescale_factor, self.image_mean, self.image_std)
-        cached = getattr(self, "_table", None)
-        if cached is None or cached[0] != key:
-            table = self.normalize_values(np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 256)))
-            cached = self._table = (key, np.ascontiguousarray(table, np.float32))
-        return cached[1]
-
-    def normalize(self, tile: np.ndarray) -> np.ndarray:
-        """(S, S, 3) uint8 -> (3, S, S) float32, rescaled and normalised as HF does: each value looked up
-        in the per-channel table of ``normalize_values`` (the same float32 results, ~4x faster than the
-        float64 arithmetic on every pixel)."""
+    def normalize_tile(self, tile: np.ndarray) -> np.ndarray:
+        """(S, S, 3) uint8 -> (3, S, S) float32, rescaled and normalised as HF does (``normalize``): each
+        value looked up in the per-channel table of its 256 results (~3x faster than the float64
+        arithmetic on every pixel, the same float32 values)."""
         chw = np.moveaxis(np.asarray(tile, np.uint8), -1, 0)
         table = self._value_table()
         out = np.empty(chw.shape, np.float32)
@@ -206,7 +188,7 @@ class InternVLImageProcessor:
         """One image -> (tiles, 3, S, S) float32."""
         tiles = dynamic_tiles(to_rgb_array(image), self.image_size, self.min_tiles, self.max_tiles,
                               self.use_thumbnail)
-        return np.stack([self.normalize(t) for t in tiles])
+        return np.stack([self.normalize_tile(t) for t in tiles])
 
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> dict[str, np.ndarray]:
         images = as_image_list(images)
