@@ -34,6 +34,12 @@ from bench.train_bench import make_batch  # noqa: E402
 GiB = 2**30
 
 
+def peak_bytes(m) -> int:
+    """A compiled program's peak device memory from XLA's ``memory_analysis()``: arguments + outputs -
+    donated (aliased) outputs + temporaries."""
+    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=MODELS, default="tiny")
@@ -116,8 +122,7 @@ def analyse(args) -> dict:
         "optimizer_gib": nbytes(state["opt_state"]) / GiB,
         "arguments_gib": m.argument_size_in_bytes / GiB,
         "temporaries_gib": m.temp_size_in_bytes / GiB,
-        "peak_gib": (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                     + m.temp_size_in_bytes) / GiB,
+        "peak_gib": peak_bytes(m) / GiB,
         "compile_s": compile_s,
         "fits": True,
     }

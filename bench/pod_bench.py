@@ -82,7 +82,9 @@ def parse_args(argv=None):
            and not (i and re.match(r"^--?config$", rest[i - 1]))]  # the value of a bare --config
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)}")
-    if not any(re.match(r"^--?config(=|$)", a) for a in rest):
+    from jaxprm.config import _config_spec
+
+    if _config_spec(rest, "config") is None:
         rest = ["--config=configs/qwen2_5_vl_3b.py", *rest]
     args.config_args = rest
     return args
@@ -123,14 +125,6 @@ def load_train_config(config_args: list[str]):
     return fv.config
 
 
-def config_path(config_args: list[str]) -> str:
-    for i, a in enumerate(config_args):
-        m = re.match(r"^--?config(?:=(.*))?$", a)
-        if m:
-            return m.group(1) if m.group(1) is not None else config_args[i + 1]
-    return ""
-
-
 def count_kernels(hlo_text: str) -> dict[str, int]:
     """Pallas TPU custom calls in a compiled program's HLO text, by kernel name."""
     counts: collections.Counter = collections.Counter()
@@ -148,14 +142,15 @@ def analyse(args) -> dict:
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from bench.memory_bench import peak_bytes
     from jaxprm import sharding as shd
+    from jaxprm.config import _config_spec
     from jaxprm.data.pipeline import batch_spec
     from jaxprm.models import attention
     from jaxprm.models.prm import PRMModel, PRMSpec
     from jaxprm.models.qwen2_5_vl import Qwen25VL
-    from jaxprm.optim import make_optimizer
-    from jaxprm.train import pipeline_config
-    from jaxprm.train_step import make_train_step, split_params
+    from jaxprm.train import config_optimizer, config_train_step, pipeline_config
+    from jaxprm.train_step import jit_train_step, split_params, train_state_shardings
 
     c = load_train_config(args.config_args)
     devices = topology_devices(args.topology)
@@ -189,7 +184,6 @@ def analyse(args) -> dict:
                                                      remat_policy=None if c.model.remat == "none" else c.model.remat),
                                             spec))
     graphdef, trainable, frozen = split_params(model, c.model.freeze_vision)
-    t_sh, f_sh = shd.param_shardings(trainable, mesh), shd.param_shardings(frozen, mesh)
     repl = NamedSharding(mesh, PartitionSpec())
 
     def abstract(tree, shardings):
@@ -197,6 +191,7 @@ def analyse(args) -> dict:
 
     batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shd.batch_sharding(mesh, len(shape), shd.BATCH_AXIS.get(k, 0)))
              for k, (shape, dtype) in bspec.items()}
+    state_bytes, opt_bytes = _nbytes(trainable) + _nbytes(frozen), 0
     t = time.perf_counter()
     # training runs under its mesh (jit_train_step); the Scorer on one device, with no mesh set
     with attention.target_platform("tpu"), contextlib.nullcontext() if args.score else jax.set_mesh(mesh):
@@ -206,27 +201,19 @@ def analyse(args) -> dict:
             params = nnx.state(model)
             full = _compiled_for(nnx.graphdef(model)).full
             traced = full.trace(abstract(params, jax.tree.map(lambda _: repl, params)), batch)
-            state_bytes, opt_bytes = _nbytes(trainable) + _nbytes(frozen), 0
-        else:
-            opt, _ = make_optimizer(lr=c.optim.lr, total_steps=1000, warmup_ratio=c.optim.warmup_ratio,
-                                    schedule_kind=c.optim.schedule, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
-                                    weight_decay=c.optim.weight_decay, clip=c.optim.clip, mu_dtype=c.optim.mu_dtype)
+        else:  # the train command's optimizer, step, state shardings and jit (donated, state pinned)
+            opt, _ = config_optimizer(c, total_steps=1000)
+            state_sh = train_state_shardings(trainable, frozen, opt, mesh)
             opt_abs = jax.eval_shape(opt.init, trainable)
-            opt_sh = shd.opt_state_shardings(opt_abs, t_sh, mesh)
-            state_sh = {"trainable": t_sh, "frozen": f_sh, "opt_state": opt_sh, "step": repl}
-            state = {"trainable": abstract(trainable, t_sh), "frozen": abstract(frozen, f_sh),
-                     "opt_state": abstract(opt_abs, opt_sh), "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)}
-            step = make_train_step(graphdef, opt, accum=accum, class_weights=tuple(c.train.class_weights),
-                                   accum_dtype=c.train.grad_accum_dtype, rounding=c.optim.rounding, seed=0,
-                                   lm_loss_weight=c.train.lm_loss_weight, image_token_id=cfg.image_token_id)
-            # as jaxprm.train_step.jit_train_step: state pinned to its shardings and donated
-            jitted = jax.jit(step, in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))
-            traced = jitted.trace(state, batch)
-            state_bytes = _nbytes(trainable) + _nbytes(frozen)
+            state = abstract({"trainable": trainable, "frozen": frozen, "opt_state": opt_abs,
+                              "step": jax.ShapeDtypeStruct((), jnp.int32)}, state_sh)
+            step = jit_train_step(config_train_step(c, graphdef, opt, cfg.image_token_id), state_sh)
+            traced = step.jitted.trace(state, batch)
             opt_bytes = _nbytes(opt_abs)
         lowered = traced.lower(lowering_platforms=("tpu",))
     trace_s = time.perf_counter() - t
-    row = {"config": config_path(args.config_args), "overrides": [a for a in args.config_args if "--config." in a],
+    row = {"config": _config_spec(args.config_args, "config"),
+           "overrides": [a for a in args.config_args if "--config." in a],
            "model": args.model, "topology": args.topology, "chips": chips,
            "program": "score forward" if args.score else "train step",
            "mesh": {k: int(v) for k, v in mesh.shape.items()}, "global_batch": batch_size, "grad_accum": accum,
@@ -249,11 +236,10 @@ def analyse(args) -> dict:
     if args.hlo:
         with open(args.hlo, "w") as f:
             f.write(hlo)
-    peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes) / GiB
+    peak = peak_bytes(m) / GiB
     row.update(
         fits=row["hbm_gib"] is None or peak <= row["hbm_gib"], compiled=True, trace_s=trace_s, compile_s=compile_s,
-        arguments_gib=m.argument_size_in_bytes / GiB, temporaries_gib=m.temp_size_in_bytes / GiB,
-        peak_gib=peak,
+        arguments_gib=m.argument_size_in_bytes / GiB, temporaries_gib=m.temp_size_in_bytes / GiB, peak_gib=peak,
         kernels=count_kernels(hlo),
     )
     return row

@@ -352,6 +352,22 @@ def pipeline_config(c, *, train: bool, seed: int):
         label_mode=encode_mode(c.model.history, train=train))
 
 
+def config_optimizer(c, *, total_steps: int):
+    """(optax optimizer, lr schedule) of the config's ``optim`` settings over ``total_steps``."""
+    from jaxprm.optim import make_optimizer
+
+    o = c.optim
+    return make_optimizer(lr=o.lr, total_steps=total_steps, warmup_ratio=o.warmup_ratio, schedule_kind=o.schedule,
+                          b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip=o.clip, mu_dtype=o.mu_dtype)
+
+
+def config_train_step(c, graphdef, optimizer, image_token_id: int):
+    """The pure train step (``make_train_step``) with the config's accumulation, loss and rounding."""
+    return make_train_step(graphdef, optimizer, accum=c.train.grad_accum, class_weights=tuple(c.train.class_weights),
+                           accum_dtype=c.train.grad_accum_dtype, rounding=c.optim.rounding, seed=c.model.seed,
+                           lm_loss_weight=c.train.lm_loss_weight, image_token_id=image_token_id)
+
+
 def steps_in_an_epoch(c, loader, n_train: int) -> int:
     """Optimizer steps per epoch: records // ``train.batch_size`` with one example per row. With
     ``data.packing`` a batch holds several examples per row (~2x as many on VL-PRM300K-shaped data),
@@ -418,7 +434,6 @@ def train(c, *, step_hook=None) -> dict:
     """
     from jaxprm.data.pipeline import make_loader
     from jaxprm.models.prm import PRMModel
-    from jaxprm.optim import make_optimizer
 
     validate_config(c)
     os.makedirs(c.workdir, exist_ok=True)
@@ -481,10 +496,7 @@ def train(c, *, step_hook=None) -> dict:
         total_steps = min(total_steps, c.train.max_steps)
 
     # -- optimizer and state -----------------------------------------------------------------------------
-    optimizer, sched = make_optimizer(lr=c.optim.lr, total_steps=steps_per_epoch * c.train.epochs,
-                                      warmup_ratio=c.optim.warmup_ratio, schedule_kind=c.optim.schedule,
-                                      b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
-                                      weight_decay=c.optim.weight_decay, clip=c.optim.clip, mu_dtype=c.optim.mu_dtype)
+    optimizer, sched = config_optimizer(c, total_steps=steps_per_epoch * c.train.epochs)
     state, state_sh = init_train_state(trainable, frozen, optimizer, mesh)
 
     # -- resume ---------------------------------------------------------------------------------------
@@ -505,11 +517,7 @@ def train(c, *, step_hook=None) -> dict:
             return _already_done(c, mngr, start, graphdef, state, tok, ip, export_dir)
         log.info("resumed from %s at step %d of %d", os.path.join(c.workdir, ckpt.CHECKPOINTS), start, total_steps)
 
-    train_step = jit_train_step(make_train_step(graphdef, optimizer, accum=c.train.grad_accum,
-                                                class_weights=tuple(c.train.class_weights),
-                                                accum_dtype=c.train.grad_accum_dtype, rounding=c.optim.rounding,
-                                                seed=c.model.seed, lm_loss_weight=c.train.lm_loss_weight,
-                                                image_token_id=model_cfg.image_token_id), state_sh)
+    train_step = jit_train_step(config_train_step(c, graphdef, optimizer, model_cfg.image_token_id), state_sh)
     eval_step = jax.jit(make_eval_step(graphdef, class_weights=tuple(c.train.class_weights)))
 
     final: dict = {}

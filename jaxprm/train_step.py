@@ -120,17 +120,24 @@ def make_train_step(graphdef, optimizer, *, accum: int = 1, class_weights=(1.0, 
     return train_step
 
 
-def init_train_state(trainable, frozen, optimizer, mesh):
-    """Place params and a fresh optimizer state on ``mesh`` -> (state, state shardings)."""
+def train_state_shardings(trainable, frozen, optimizer, mesh) -> dict:
+    """Where each part of the train state lives on ``mesh`` (params by the rules table, the optimizer
+    state as its params, the step replicated); ``trainable``/``frozen`` may be abstract."""
     from jaxprm import sharding as shd
 
-    t_sh, f_sh = shd.param_shardings(trainable, mesh), shd.param_shardings(frozen, mesh)
-    opt_sh = shd.opt_state_shardings(jax.eval_shape(optimizer.init, trainable), t_sh, mesh)
-    repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = {"trainable": jax.device_put(trainable, t_sh), "frozen": jax.device_put(frozen, f_sh),
-             "opt_state": jax.jit(optimizer.init, out_shardings=opt_sh)(trainable),
-             "step": jax.device_put(jnp.zeros((), jnp.int32), repl)}
-    return state, {"trainable": t_sh, "frozen": f_sh, "opt_state": opt_sh, "step": repl}
+    t_sh = shd.param_shardings(trainable, mesh)
+    return {"trainable": t_sh, "frozen": shd.param_shardings(frozen, mesh),
+            "opt_state": shd.opt_state_shardings(jax.eval_shape(optimizer.init, trainable), t_sh, mesh),
+            "step": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())}
+
+
+def init_train_state(trainable, frozen, optimizer, mesh):
+    """Place params and a fresh optimizer state on ``mesh`` -> (state, state shardings)."""
+    sh = train_state_shardings(trainable, frozen, optimizer, mesh)
+    state = {"trainable": jax.device_put(trainable, sh["trainable"]), "frozen": jax.device_put(frozen, sh["frozen"]),
+             "opt_state": jax.jit(optimizer.init, out_shardings=sh["opt_state"])(trainable),
+             "step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"])}
+    return state, sh
 
 
 def jit_train_step(train_step, state_shardings):
@@ -146,6 +153,7 @@ def jit_train_step(train_step, state_shardings):
         with jax.set_mesh(mesh):
             return jitted(state, batch)
 
+    step.jitted = jitted  # for ahead-of-time lowering (bench/pod_bench.py), traced under the same mesh
     return step
 
 
